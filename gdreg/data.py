@@ -1,0 +1,666 @@
+"""Data loading (host, numpy) and data augmentation (device, pure JAX).
+
+Loading
+-------
+:func:`load_dataset` returns a :class:`Dataset` of uint8 NHWC images and int32 labels held
+in host memory. Sources (``DATASET_NAMES``):
+
+* ``cifar10`` / ``cifar100``: TensorFlow Datasets, read from ``data_dir`` (default: TFDS's
+  own default, ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``). The dataset is only
+  downloaded when it is not prepared there and ``download=True``; any failure of that
+  (no network, ...) becomes a :class:`DatasetNotFoundError` that says how to prepare it.
+  With ``download=False`` a missing dataset fails at once, without touching the network.
+* ``npz``: a ``.npz`` file with ``x_train``, ``y_train``, ``x_test``, ``y_test``.
+* ``synthetic``: seeded random images whose labels are learnable (class prototypes).
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download).
+
+Augmentation
+------------
+The whole base training set lives on the device (uint8) and :func:`augment` produces the
+augmented views of any set of *virtual* indices. Each view is a function of
+``(key, step, v)`` only (``"random"``) or of ``(key, v)`` only (``"fixed"``), never of the
+batch, the device or the number of devices that processes it:
+
+* ``"none"``: virtual size N, view v is base image v.
+* ``"random"``: virtual size N, view v is base image v, zero-padded by ``padding`` pixels
+  on each side, cropped back to the original size at offsets uniform in
+  ``[0, 2 * padding]``, and flipped horizontally with probability 1/2 (if ``flip``), all
+  drawn from ``fold_in(fold_in(key, step), v)``: a fresh augmentation every step.
+* ``"fixed"``: virtual size ``N * copies``, view v is base image ``v % N`` with a crop and
+  flip drawn from ``fold_in(key, v)``: the paper's fixed "N x CIFAR" dataset, without
+  ever materializing the copies. Every copy is augmented (copy 0 included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import socket
+import threading
+import urllib.parse
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "AUGMENTATIONS",
+    "DATASET_NAMES",
+    "Dataset",
+    "DatasetNotFoundError",
+    "augment",
+    "augmentation_params",
+    "crop_and_flip",
+    "load_dataset",
+    "normalize",
+    "virtual_size",
+]
+
+DATASET_NAMES = ("cifar10", "cifar100", "npz", "synthetic", "digits")
+AUGMENTATIONS = ("none", "random", "fixed")
+
+# Per-channel statistics in [0, 1] units. CIFAR-10: the reference implementation's figures.
+CIFAR10_MEAN = (0.4915, 0.4823, 0.4468)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+_TFDS_DATASETS = {
+    "cifar10": (10, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (100, CIFAR100_MEAN, CIFAR100_STD),
+}
+# Where TFDS's builders download the raw archives from (tensorflow_datasets' cifar.py).
+# Only used to check, before TFDS tries, that the host can be reached at all: offline,
+# TFDS's own retries (10, exponential backoff) take minutes to give up.
+_TFDS_DOWNLOAD_URLS = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+}
+_PROBE_TIMEOUT_S = 5.0
+
+DIGITS_TRAIN_SIZE = 1437
+DIGITS_TEST_SIZE = 360
+
+
+class DatasetNotFoundError(RuntimeError):
+    """A TFDS dataset is not prepared in ``data_dir`` and could not be downloaded."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A classification dataset in host memory.
+
+    ``eq=False``: instances compare (and hash) by identity; comparing arrays field by
+    field would be ambiguous.
+    """
+
+    name: str
+    train_images: np.ndarray  # uint8 [N, H, W, C]
+    train_labels: np.ndarray  # int32 [N]
+    test_images: np.ndarray  # uint8 [M, H, W, C]
+    test_labels: np.ndarray  # int32 [M]
+    num_classes: int
+    mean: tuple[float, ...]  # per-channel mean in [0, 1] units, for normalize()
+    std: tuple[float, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of one image."""
+        return tuple(int(d) for d in self.train_images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_images.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_images.shape[0])
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    npz_path: str | None = None,
+    train_size: int = 0,
+    test_size: int = 0,
+    seed: int = 0,
+    synthetic_shape: tuple[int, int, int] = (32, 32, 3),
+    synthetic_num_classes: int = 10,
+    synthetic_train_size: int = 512,
+    synthetic_test_size: int = 256,
+    download: bool = True,
+) -> Dataset:
+    """Loads dataset ``name`` (one of ``DATASET_NAMES``) into host memory.
+
+    Args:
+      name: ``cifar10``, ``cifar100`` (TFDS), ``npz``, ``synthetic`` or ``digits``.
+      data_dir: TFDS data directory (cifar only); ``None`` = TFDS's default.
+      npz_path: the ``.npz`` file (``npz`` only).
+      train_size, test_size: if > 0, keep a deterministic, class-stratified subset of
+        that many images (chosen by ``seed``, kept in the original order); 0 = all.
+      seed: selects the subsets, and the images of ``synthetic``.
+      synthetic_*: shape ``(H, W, C)``, classes and sizes of the ``synthetic`` dataset.
+      download: cifar only: if the dataset is not prepared in ``data_dir``, try to
+        download and prepare it (needs network). ``False`` fails at once instead.
+
+    Raises:
+      ValueError: an invalid argument; the message names the config field
+        (``data.name``, ``data.npz_path``, ``data.train_size``, ...).
+      DatasetNotFoundError: a TFDS dataset is missing and could not be downloaded.
+    """
+    if name in _TFDS_DATASETS:
+        train_x, train_y, test_x, test_y, num_classes = _load_tfds(
+            name, data_dir=data_dir, download=download
+        )
+        _, mean, std = _TFDS_DATASETS[name]
+    elif name == "npz":
+        train_x, train_y, test_x, test_y = _load_npz(npz_path)
+        num_classes = int(max(train_y.max(initial=-1), test_y.max(initial=-1))) + 1
+        mean, std = _channel_stats(train_x)
+    elif name == "synthetic":
+        train_x, train_y, test_x, test_y = _make_synthetic(
+            seed=seed,
+            shape=synthetic_shape,
+            num_classes=synthetic_num_classes,
+            train_size=synthetic_train_size,
+            test_size=synthetic_test_size,
+        )
+        num_classes = int(synthetic_num_classes)
+        mean, std = _channel_stats(train_x)
+    elif name == "digits":
+        train_x, train_y, test_x, test_y = _load_digits()
+        num_classes = 10
+        mean, std = _channel_stats(train_x)
+    else:
+        raise ValueError(
+            f"data.name={name!r} is not a known dataset; choose one of {DATASET_NAMES}"
+        )
+
+    train_x, train_y = _subset(train_x, train_y, train_size, seed=seed, field="data.train_size")
+    test_x, test_y = _subset(test_x, test_y, test_size, seed=seed + 1, field="data.test_size")
+    return Dataset(
+        name=name,
+        train_images=train_x,
+        train_labels=train_y,
+        test_images=test_x,
+        test_labels=test_y,
+        num_classes=num_classes,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+    )
+
+
+def _subset(
+    images: np.ndarray, labels: np.ndarray, size: int, *, seed: int, field: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic class-stratified subset of ``size`` examples (0 = all).
+
+    The examples are permuted with ``seed``, then ordered by their rank within their class
+    (stable), so the first ``size`` take the classes in turn: each class gets
+    ``size // num_classes`` or one more, as far as it has examples. The chosen examples are
+    returned in their original order.
+    """
+    n = int(images.shape[0])
+    size = int(size)
+    if size < 0 or size > n:
+        raise ValueError(f"{field}={size} must be between 0 (all) and the {n} examples available")
+    if size == 0 or size == n:
+        return images, labels
+    perm = np.random.default_rng(seed).permutation(n)
+    perm_labels = labels[perm]
+    rank = np.empty(n, dtype=np.int64)
+    for c in np.unique(perm_labels):
+        where = np.flatnonzero(perm_labels == c)
+        rank[where] = np.arange(where.size)
+    order = perm[np.argsort(rank, kind="stable")]
+    keep = np.sort(order[:size])
+    return images[keep], labels[keep]
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (errors here are one-line messages)."""
+    return " ".join(str(error).split())
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units (std 0 -> 1)."""
+    x = images.astype(np.float64) / 255.0
+    mean = x.mean(axis=(0, 1, 2))
+    std = x.std(axis=(0, 1, 2))
+    std = np.where(std > 0, std, 1.0)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _tfds_not_found_message(name: str, root: str, variant_dir: str, reason: str) -> str:
+    return (
+        f"TFDS dataset '{name}' is not prepared in data_dir={root!r} (looked for "
+        f"{variant_dir}){reason}. Prepare it on a machine with network access with "
+        f'`tfds build {name} --data_dir {root}` (or python -c "import tensorflow_datasets '
+        f"as tfds; tfds.builder('{name}', data_dir='{root}').download_and_prepare()\"), or "
+        f"copy an existing ~/tensorflow_datasets (it holds a '{name}' folder) to the "
+        "cluster, and pass that folder as --config.data.data_dir."
+    )
+
+
+def _load_tfds(
+    name: str, *, data_dir: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Reads both splits of a TFDS image classification dataset into numpy.
+
+    Uses the builder API rather than ``tfds.load``: it checks ``builder.is_prepared()``
+    first, so that a missing dataset with ``download=False`` fails without any network
+    access, and only then calls ``download_and_prepare``. The splits are read in chunks
+    rather than with ``batch_size=-1``, which batches by ``sys.maxsize`` when the split
+    sizes are unknown (as under ``tfds.testing.mock_data``) and aborts TensorFlow.
+    """
+    import tensorflow_datasets as tfds
+
+    if data_dir is not None:
+        data_dir = os.path.expanduser(os.fspath(data_dir))
+    builder = tfds.builder(name, data_dir=data_dir)
+    root = os.fspath(getattr(builder, "data_dir_root", None) or data_dir or "")
+    variant_dir = os.fspath(builder.data_dir)
+    if not builder.is_prepared():
+        if not download:
+            raise DatasetNotFoundError(
+                _tfds_not_found_message(name, root, variant_dir, " and download=False")
+            )
+        unreachable = _download_host_unreachable(_TFDS_DOWNLOAD_URLS[name])
+        if unreachable:
+            raise DatasetNotFoundError(
+                _tfds_not_found_message(
+                    name,
+                    root,
+                    variant_dir,
+                    f" and there is no network to download it ({unreachable})",
+                )
+            )
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            reason = f" and downloading it failed ({type(e).__name__}: {_one_line(e)})"
+            raise DatasetNotFoundError(
+                _tfds_not_found_message(name, root, variant_dir, reason)
+            ) from e
+
+    _hide_gpus_from_tensorflow()
+    splits = []
+    for split in ("train", "test"):
+        try:
+            ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+        except AssertionError as e:  # TFDS: "Dataset ...: could not find data in ..."
+            reason = f" ({_one_line(e)})"
+            raise DatasetNotFoundError(
+                _tfds_not_found_message(name, root, variant_dir, reason)
+            ) from e
+        xs, ys = [], []
+        for x, y in tfds.as_numpy(ds.batch(10_000)):
+            xs.append(np.asarray(x, dtype=np.uint8))
+            ys.append(np.asarray(y).astype(np.int32))
+        splits.append((np.concatenate(xs), np.concatenate(ys)))
+    num_classes = _TFDS_DATASETS[name][0]
+    with contextlib.suppress(KeyError, AttributeError, TypeError):
+        num_classes = int(builder.info.features["label"].num_classes)
+    (train_x, train_y), (test_x, test_y) = splits
+    return train_x, train_y, test_x, test_y, num_classes
+
+
+def _download_host_unreachable(url: str, timeout: float = _PROBE_TIMEOUT_S) -> str | None:
+    """Why ``url``'s host cannot be reached (``None`` if a TCP connection opens).
+
+    Bounded by ``timeout`` seconds, DNS included (the probe runs in a daemon thread).
+    Skipped (``None``) when a proxy is configured, since then a direct connection says
+    nothing about whether the download can work.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    parsed = urllib.parse.urlparse(url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(None)
+        except OSError as e:
+            result.append(f"cannot connect to {host}:{port}: {type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if not result:
+        return f"no connection to {host}:{port} within {timeout:g} s"
+    return result[0]
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    """TensorFlow only feeds data here: keep it off the accelerators JAX uses."""
+    try:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    except Exception:  # already initialized, or no tensorflow GPU support: fine
+        pass
+
+
+def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reads and validates an npz dataset.
+
+    Images: uint8 ``[N, H, W, C]``; ``[N, H, W]`` (grayscale) gets a channel axis; float
+    images must lie in [0, 1] and are converted to uint8 (``round(x * 255)``); other
+    integer images must lie in 0..255. Labels: integers ``[N]`` (or ``[N, 1]``), >= 0.
+    """
+    if not npz_path:
+        raise ValueError("data.npz_path must be set when data.name='npz'")
+    path = os.path.expanduser(os.fspath(npz_path))
+    if not os.path.isfile(path):
+        raise ValueError(f"data.npz_path={npz_path!r}: file not found")
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as e:  # not an npz/npy file, or pickled
+        raise ValueError(
+            f"data.npz_path={npz_path!r}: cannot read it as .npz ({_one_line(e)})"
+        ) from e
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"data.npz_path={npz_path!r}: holds a single array, not an .npz archive")
+    with loaded as f:
+        missing = [k for k in keys if k not in f.files]
+        if missing:
+            raise ValueError(
+                f"data.npz_path={npz_path!r} lacks key(s) {missing}; "
+                f"expected {list(keys)}, found {sorted(f.files)}"
+            )
+        try:
+            arrays = {k: np.asarray(f[k]) for k in keys}
+        except ValueError as e:  # an object (pickled) array
+            raise ValueError(
+                f"data.npz_path={npz_path!r}: cannot read its arrays ({_one_line(e)})"
+            ) from e
+    out = []
+    for split in ("train", "test"):
+        x = _npz_images(arrays[f"x_{split}"], npz_path, f"x_{split}")
+        y = _npz_labels(arrays[f"y_{split}"], npz_path, f"y_{split}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"data.npz_path={npz_path!r}: x_{split} has {x.shape[0]} images but "
+                f"y_{split} has {y.shape[0]} labels"
+            )
+        out += [x, y]
+    if out[0].shape[1:] != out[2].shape[1:]:
+        raise ValueError(
+            f"data.npz_path={npz_path!r}: x_train images are {out[0].shape[1:]} but x_test "
+            f"images are {out[2].shape[1:]}"
+        )
+    return out[0], out[1], out[2], out[3]
+
+
+def _npz_images(x: np.ndarray, npz_path: str, key: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(
+            f"data.npz_path={npz_path!r}: {key} must be [N, H, W, C] or [N, H, W], got shape {x.shape}"
+        )
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if np.issubdtype(x.dtype, np.floating):
+        if x.size and (not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0):
+            raise ValueError(
+                f"data.npz_path={npz_path!r}: float {key} must lie in [0, 1], "
+                f"got [{np.nanmin(x)}, {np.nanmax(x)}]"
+            )
+        return np.round(x.astype(np.float64) * 255.0).astype(np.uint8)
+    if np.issubdtype(x.dtype, np.integer):
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise ValueError(
+                f"data.npz_path={npz_path!r}: integer {key} must lie in 0..255, "
+                f"got [{x.min()}, {x.max()}]"
+            )
+        return x.astype(np.uint8)
+    raise ValueError(f"data.npz_path={npz_path!r}: {key} has unsupported dtype {x.dtype}")
+
+
+def _npz_labels(y: np.ndarray, npz_path: str, key: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+        raise ValueError(
+            f"data.npz_path={npz_path!r}: {key} must be integer labels [N], got {y.dtype} {y.shape}"
+        )
+    if y.size and y.min() < 0:
+        raise ValueError(f"data.npz_path={npz_path!r}: {key} has negative labels")
+    return y.astype(np.int32)
+
+
+def _make_synthetic(
+    *, seed: int, shape: Sequence[int], num_classes: int, train_size: int, test_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded random images whose class is learnable, also under crop/flip augmentation.
+
+    Each class has a prototype: a smooth (low-resolution, upsampled), left-right symmetric
+    random pattern plus a class colour. An image is its class prototype plus Gaussian
+    noise, clipped to uint8. Labels are balanced (``i % num_classes``, shuffled).
+    """
+    h, w, c = (int(d) for d in shape)
+    if min(h, w, c) < 1:
+        raise ValueError(f"data.synthetic_shape={tuple(shape)} must be positive")
+    if num_classes < 1:
+        raise ValueError(f"data.synthetic_num_classes={num_classes} must be >= 1")
+    if train_size < 1 or test_size < 0:
+        raise ValueError(
+            f"data.synthetic_train_size={train_size} must be >= 1 and "
+            f"data.synthetic_test_size={test_size} >= 0"
+        )
+    rng = np.random.default_rng(seed)
+    cell = 4
+    gh, gw = -(-h // cell), -(-w // cell)
+    coarse = rng.uniform(-1.0, 1.0, size=(num_classes, gh, gw, c))
+    coarse = 0.5 * (coarse + coarse[:, :, ::-1, :])  # left-right symmetric: flip-invariant
+    pattern = np.repeat(np.repeat(coarse, cell, axis=1), cell, axis=2)[:, :h, :w, :]
+    colour = rng.uniform(-1.0, 1.0, size=(num_classes, 1, 1, c))
+    prototypes = 128.0 + 48.0 * pattern + 40.0 * colour
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)
+        noise = rng.normal(0.0, 40.0, size=(n, h, w, c))
+        images = np.clip(np.round(prototypes[labels] + noise), 0, 255).astype(np.uint8)
+        return images, labels
+
+    train_x, train_y = draw(int(train_size))
+    test_x, test_y = draw(int(test_size))
+    return train_x, train_y, test_x, test_y
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: 1,797 8x8 grayscale images, as uint8 [n, 8, 8, 1].
+
+    Pixel values 0..16 are scaled to 0..255 (``round(x * 255 / 16)``). The split is fixed
+    (seed 0, independent of ``load_dataset``'s seed) and stratified: 360 test images,
+    allotted to the classes in proportion to their size (largest remainders), the other
+    1,437 for training; both keep the original order.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = np.round(np.asarray(digits.images, np.float64) * (255.0 / 16.0))
+    x = np.clip(x, 0, 255).astype(np.uint8)[..., None]
+    y = np.asarray(digits.target).astype(np.int32)
+    n = y.shape[0]
+    rng = np.random.default_rng(0)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * DIGITS_TEST_SIZE / n
+    take = np.floor(quota).astype(np.int64)
+    extra = DIGITS_TEST_SIZE - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:extra]] += 1
+    test_idx = np.concatenate(
+        [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take, strict=True)]
+    )
+    is_test = np.zeros(n, dtype=bool)
+    is_test[test_idx] = True
+    return x[~is_test], y[~is_test], x[is_test], y[is_test]
+
+
+# --------------------------------------------------------------------------------------
+# Device side: normalization and augmentation
+# --------------------------------------------------------------------------------------
+
+
+def normalize(
+    images: jax.Array, mean: Sequence[float], std: Sequence[float], dtype=jnp.float32
+) -> jax.Array:
+    """uint8 images ``[..., C]`` -> ``(x / 255 - mean) / std`` in ``dtype``.
+
+    Computed in float32, then cast to ``dtype``.
+    """
+    x = jnp.asarray(images).astype(jnp.float32) / 255.0
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return ((x - mean) / std).astype(dtype)
+
+
+def _check_augmentation(augmentation: str, copies: int) -> None:
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"data.augmentation={augmentation!r} is not known; choose one of {AUGMENTATIONS}"
+        )
+    if int(copies) < 1:
+        raise ValueError(f"data.copies={copies} must be >= 1")
+
+
+def virtual_size(num_images: int, augmentation: str, copies: int) -> int:
+    """Size of the virtual training set: ``num_images * copies`` for "fixed", else N.
+
+    ``copies`` is validated (>= 1) but only used by "fixed".
+    """
+    _check_augmentation(augmentation, copies)
+    return int(num_images) * (int(copies) if augmentation == "fixed" else 1)
+
+
+def _view_keys(key: jax.Array, step: jax.Array, virtual_indices: jax.Array, augmentation: str):
+    """One PRNG key per virtual index: ``fold_in(fold_in(key, step), v)`` or ``fold_in(key, v)``."""
+    base = jax.random.fold_in(key, step) if augmentation == "random" else key
+    return jax.vmap(lambda v: jax.random.fold_in(base, v))(virtual_indices)
+
+
+def _check_padding(padding: int) -> None:
+    if int(padding) < 0:
+        raise ValueError(f"data.padding={padding} must be >= 0")
+
+
+def augmentation_params(
+    key: jax.Array,
+    step: jax.Array,
+    virtual_indices: jax.Array,
+    *,
+    augmentation: str,
+    padding: int = 4,
+    flip: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The crop offsets and flips that :func:`augment` applies to ``virtual_indices``.
+
+    Returns ``(dy, dx, flipped)``: int32 ``[n]`` offsets of the crop's top-left corner in
+    the zero-padded image (``[0, 2 * padding]``; ``padding`` = no shift) and bool ``[n]``.
+    For "none" that is ``(padding, padding, False)``. The view of v is
+    ``padded[dy:dy + H, dx:dx + W]``, then mirrored left-right if ``flipped``.
+    """
+    _check_augmentation(augmentation, 1)
+    _check_padding(padding)
+    return _augmentation_params(
+        key,
+        jnp.asarray(step, jnp.int32),
+        jnp.asarray(virtual_indices, jnp.int32),
+        augmentation=augmentation,
+        padding=int(padding),
+        flip=bool(flip),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("augmentation", "padding", "flip"))
+def _augmentation_params(key, step, virtual_indices, *, augmentation, padding, flip):
+    n = virtual_indices.shape[0]
+    if augmentation == "none":
+        offset = jnp.full((n,), padding, jnp.int32)
+        return offset, offset, jnp.zeros((n,), bool)
+    keys = _view_keys(key, step, virtual_indices, augmentation)
+
+    def draw(k):
+        # One threefry call per view (cheap to compile and run): three uint32 words give
+        # dy, dx (uniform in [0, 2 * padding] up to a modulo bias below 1e-8) and the flip.
+        bits = jax.random.bits(k, (3,), jnp.uint32)
+        dy, dx = (bits[:2] % jnp.uint32(2 * padding + 1)).astype(jnp.int32)
+        flipped = (bits[2] >> 31).astype(bool) if flip else jnp.zeros((), bool)
+        return dy, dx, flipped
+
+    return jax.vmap(draw)(keys)
+
+
+def crop_and_flip(
+    images: jax.Array, dy: jax.Array, dx: jax.Array, flipped: jax.Array, *, padding: int
+) -> jax.Array:
+    """Zero-pads ``images [n, H, W, C]`` by ``padding``, crops ``H x W`` at ``(dy, dx)``, flips."""
+    _, h, w, c = images.shape
+    if padding > 0:
+        padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        images = jax.vmap(lambda img, y, x: jax.lax.dynamic_slice(img, (y, x, 0), (h, w, c)))(
+            padded, dy, dx
+        )
+    return jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def augment(
+    images: jax.Array,
+    labels: jax.Array,
+    virtual_indices: jax.Array,
+    step: jax.Array,
+    *,
+    key: jax.Array,
+    augmentation: str,
+    copies: int = 1,
+    padding: int = 4,
+    flip: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Augmented views (uint8) and labels of ``virtual_indices`` (int32 ``[n]``).
+
+    ``images`` uint8 ``[N, H, W, C]`` and ``labels`` ``[N]`` are the whole base training
+    set. View v shows base image ``v % N`` (for "none"/"random" v < N is expected); see
+    the module docstring for how each mode draws its crop and flip. ``augmentation``,
+    ``copies``, ``padding`` and ``flip`` are static; ``step`` and ``key`` may be traced.
+    ``copies`` is only validated here (the caller draws v below ``virtual_size``).
+    The work is a jitted function (compiled once per shape when called eagerly, inlined
+    when called under an outer ``jit``/``shard_map``).
+    """
+    _check_augmentation(augmentation, copies)
+    _check_padding(padding)
+    return _augment(
+        images,
+        labels,
+        jnp.asarray(virtual_indices, jnp.int32),
+        jnp.asarray(step, jnp.int32),
+        key,
+        augmentation=augmentation,
+        padding=int(padding),
+        flip=bool(flip),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("augmentation", "padding", "flip"))
+def _augment(images, labels, virtual_indices, step, key, *, augmentation, padding, flip):
+    base = virtual_indices % images.shape[0]
+    views = jnp.take(images, base, axis=0)
+    out_labels = jnp.take(labels, base, axis=0)
+    if augmentation == "none":
+        return views, out_labels
+    dy, dx, flipped = _augmentation_params(
+        key, step, virtual_indices, augmentation=augmentation, padding=padding, flip=flip
+    )
+    return crop_and_flip(views, dy, dx, flipped, padding=padding), out_labels

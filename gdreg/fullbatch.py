@@ -1,0 +1,376 @@
+"""The exact full-batch gradient, block by block, data-parallel over a device mesh.
+
+Geiping et al., "Stochastic Training is Not Necessary for Generalization" (ICLR 2022), train
+on the gradient of the loss over the whole training set. Their reference implementation
+splits the set into blocks of ``block_size`` images; each block is its own forward pass (so
+BatchNorm uses that block's statistics) and the unit of the gradient-norm regularizer:
+
+    g = sum_B w_B * T(grad L_B(theta)) / sum_B w_B
+
+with T the per-block transform (e.g. :func:`gdreg.gradient_norm_penalty`) and w_B = 1 for
+every real block. This module computes that mean, plus the dataset's loss and accuracy, the
+mean squared block-gradient norm (the regularizer's value) and the BatchNorm statistics.
+
+Layout. The caller passes the global block layout as an integer array
+``block_indices[num_blocks, block_size]`` of (virtual) image indices. The blocks are padded
+with zero-weight blocks to a multiple of ``devices * blocks_per_microbatch`` and split into
+contiguous runs, one per device along the mesh axis ``data``. Which image lands in which
+block therefore depends only on the caller's layout, never on the number of devices or
+processes; only the float32 summation order changes with the device count.
+
+Looping. Each device walks its blocks in microbatches of ``blocks_per_microbatch`` blocks.
+``microbatch_loop="python"`` drives one jitted call per microbatch from Python and keeps
+the running sums on the devices; ``"scan"`` puts the same body in a ``lax.scan`` inside one
+jit. Inside a microbatch, ``block_loop="unroll"`` traces the blocks one after another,
+``"vmap"`` batches them. On XLA:CPU convolutions inside loop bodies take a slow path (jax
+issue 12868) and vmapped finite differences turn into grouped convolutions, so the Python
+loop over single blocks is the CPU default; on GPUs fewer, larger calls win. Memory does not
+grow with the number of images in either mode: only one microbatch is live at a time.
+
+BatchNorm running statistics. Every block's forward pass updates the running statistics
+from the same starting state: new_B = m * old + (1 - m) * stats_B. The returned state is the
+weighted mean over blocks, m * old + (1 - m) * mean_B(stats_B): one momentum update with the
+mean of the block statistics, independent of block order and device count. (The reference
+PyTorch code instead applies the momentum once per block forward, sequentially, including the
+regularizer's extra passes; that makes the statistics depend on block order.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+PyTree = Any
+# loss_fn(params, model_state, inputs, labels) -> (mean loss, (new_model_state, {"accuracy": ...}))
+LossFn = Callable[[PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
+# batch_fn(data, indices[block_size], step) -> (inputs, labels) of one block
+BatchFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+MICROBATCH_LOOPS = ("python", "scan")
+BLOCK_LOOPS = ("unroll", "vmap")
+
+
+class FullBatchResult(NamedTuple):
+    """What one full-batch gradient evaluation returns (all replicated over the mesh).
+
+    grads: mean over blocks of the (transformed) block gradients, float32.
+    model_state: the model's non-parameter state (BatchNorm statistics), see module docstring.
+    penalty_state: the per-block transform's state after one update (None without one).
+    metrics: scalars ``loss`` and ``accuracy`` (means over the blocks' images),
+      ``block_grad_sq_norm`` (mean over blocks of ||grad L_B||^2, before the transform),
+      ``grad_norm`` (global L2 norm of ``grads``) and ``images`` (images that counted).
+    """
+
+    grads: PyTree
+    model_state: PyTree
+    penalty_state: PyTree
+    metrics: dict[str, jax.Array]
+
+
+def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh named ``data`` over ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Places a pytree of host arrays on every device of ``mesh`` (also across processes).
+
+    Every process must pass the same values; each one fills only its own devices, so this works
+    unchanged under ``jax.distributed``.
+    """
+    sharding = NamedSharding(mesh, P())
+
+    def put(leaf):
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+            return leaf
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def shard_rows(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Splits a host array (identical on every process) along axis 0 over the ``data`` axis."""
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def fetch_replicated(tree: PyTree) -> PyTree:
+    """Copies a pytree of replicated arrays to the host as numpy (also across processes).
+
+    Under ``jax.distributed`` a replicated array spans devices of other processes and cannot be
+    read whole; every process reads its own first copy instead.
+    """
+
+    def fetch(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(leaf.addressable_data(0))
+        return np.asarray(leaf)
+
+    return jax.tree.map(fetch, tree)
+
+
+def block_layout(
+    num_images: int, block_size: int, *, permutation_seed: int | None = None
+) -> np.ndarray:
+    """Assigns images to blocks: ``[num_images // block_size, block_size]`` image indices.
+
+    Images beyond the last whole block are dropped (their number is ``num_images % block_size``);
+    with ``permutation_seed`` the images are shuffled first (the paper's "shuffle", redrawn each
+    step by passing a step-dependent seed), so different images are dropped each time.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    num_blocks = num_images // block_size
+    if num_blocks == 0:
+        raise ValueError(
+            f"block_size {block_size} is larger than the number of training images {num_images}"
+        )
+    if permutation_seed is None:
+        order = np.arange(num_images, dtype=np.int32)
+    else:
+        order = np.random.default_rng(permutation_seed).permutation(num_images).astype(np.int32)
+    return order[: num_blocks * block_size].reshape(num_blocks, block_size)
+
+
+def _tree_sq_norm(tree: PyTree) -> jax.Array:
+    return sum(
+        (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
+        start=jnp.zeros((), jnp.float32),
+    )
+
+
+def _as_float32(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), tree)
+
+
+class FullBatchGradient:
+    """Computes the full-batch gradient of ``loss_fn`` over a block layout on ``mesh``.
+
+    Build once (it owns the compiled functions), call every step::
+
+        engine = FullBatchGradient(loss_fn, batch_fn, mesh=data_mesh(), penalty=penalty)
+        result = engine(params, model_state, penalty_state, data, block_indices, step)
+
+    ``loss_fn`` and ``batch_fn`` are pure functions (see the type aliases above); ``data`` is a
+    pytree held replicated on every device (e.g. the uint8 training set), which ``batch_fn``
+    turns into one block's inputs. ``penalty`` is an optax transformation applied to every
+    block gradient as ``penalty.update(g_B, penalty_state, params, grad_fn=grad of L_B)``.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        batch_fn: BatchFn,
+        *,
+        mesh: Mesh,
+        penalty: optax.GradientTransformationExtraArgs | None = None,
+        blocks_per_microbatch: int = 1,
+        microbatch_loop: str = "python",
+        block_loop: str = "unroll",
+    ) -> None:
+        if microbatch_loop not in MICROBATCH_LOOPS:
+            raise ValueError(
+                f"microbatch_loop must be one of {MICROBATCH_LOOPS}, got {microbatch_loop!r}"
+            )
+        if block_loop not in BLOCK_LOOPS:
+            raise ValueError(f"block_loop must be one of {BLOCK_LOOPS}, got {block_loop!r}")
+        if blocks_per_microbatch < 1:
+            raise ValueError(
+                f"blocks_per_microbatch must be at least 1, got {blocks_per_microbatch}"
+            )
+        self.loss_fn = loss_fn
+        self.batch_fn = batch_fn
+        self.mesh = mesh
+        self.penalty = penalty
+        self.blocks_per_microbatch = blocks_per_microbatch
+        self.microbatch_loop = microbatch_loop
+        self.block_loop = block_loop
+        self.num_devices = mesh.devices.size
+        self._microbatch = jax.jit(self._sharded(self._microbatch_body), donate_argnums=0)
+        self._all_microbatches = jax.jit(self._sharded(self._scan_body))
+        self._finalize = jax.jit(self._finalize_impl)
+        self._zero_carry = jax.jit(
+            self._zero_carry_impl, out_shardings=NamedSharding(mesh, P(DATA_AXIS))
+        )
+
+    # ----- layout -------------------------------------------------------------------------
+    def padded_layout(self, block_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pads the layout with zero-weight blocks to a multiple of devices x microbatch."""
+        block_indices = np.asarray(block_indices, dtype=np.int32)
+        if block_indices.ndim != 2:
+            raise ValueError(
+                f"block_indices must be [num_blocks, block_size], got shape {block_indices.shape}"
+            )
+        num_blocks = block_indices.shape[0]
+        unit = self.num_devices * self.blocks_per_microbatch
+        padded = math.ceil(num_blocks / unit) * unit
+        indices = np.zeros((padded, block_indices.shape[1]), np.int32)
+        indices[:num_blocks] = block_indices
+        weights = np.zeros((padded,), np.float32)
+        weights[:num_blocks] = 1.0
+        return indices, weights
+
+    # ----- per block ----------------------------------------------------------------------
+    def _block(self, params, model_state, penalty_state, data, indices, weight, step):
+        inputs, labels = self.batch_fn(data, indices, step)
+
+        def loss_only(p):
+            return self.loss_fn(p, model_state, inputs, labels)[0]
+
+        (loss, (new_state, aux)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+            params, model_state, inputs, labels
+        )
+        grads = _as_float32(grads)
+        sq_norm = _tree_sq_norm(grads)
+        new_penalty_state = penalty_state
+        if self.penalty is not None:
+            grads, new_penalty_state = self.penalty.update(
+                grads, penalty_state, params, grad_fn=jax.grad(loss_only)
+            )
+            grads = _as_float32(grads)
+        sums = {
+            "grads": grads,
+            "model_state": _as_float32(new_state),
+            "loss": loss.astype(jnp.float32),
+            "accuracy": jnp.asarray(aux["accuracy"], jnp.float32),
+            "block_grad_sq_norm": sq_norm,
+        }
+        sums = jax.tree.map(lambda leaf: weight * leaf, sums)
+        sums["weight"] = weight
+        return sums, new_penalty_state
+
+    def _microbatch_sums(self, params, model_state, penalty_state, data, indices, weights, step):
+        """Weighted sums over the blocks of one microbatch (indices: [blocks, block_size])."""
+        if self.block_loop == "vmap":
+            sums, new_penalty_state = jax.vmap(
+                self._block, in_axes=(None, None, None, None, 0, 0, None)
+            )(params, model_state, penalty_state, data, indices, weights, step)
+            sums = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), sums)
+            new_penalty_state = jax.tree.map(lambda leaf: leaf[0], new_penalty_state)
+            return sums, new_penalty_state
+        total = None
+        for j in range(indices.shape[0]):
+            sums, new_penalty_state = self._block(
+                params, model_state, penalty_state, data, indices[j], weights[j], step
+            )
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        return total, new_penalty_state
+
+    # ----- per device (inside shard_map) ----------------------------------------------------
+    def _microbatch_body(
+        self, carry, params, model_state, penalty_state, data, indices, weights, step, index
+    ):
+        start = index * self.blocks_per_microbatch
+        take = functools.partial(
+            jax.lax.dynamic_slice_in_dim,
+            start_index=start,
+            slice_size=self.blocks_per_microbatch,
+            axis=0,
+        )
+        sums, new_penalty_state = self._microbatch_sums(
+            params, model_state, penalty_state, data, take(indices), take(weights), step
+        )
+        carry = jax.tree.map(lambda acc, s: acc + s[None], carry, sums)
+        return carry, new_penalty_state
+
+    def _scan_body(
+        self, carry, params, model_state, penalty_state, data, indices, weights, step, _
+    ):
+        num_microbatches = indices.shape[0] // self.blocks_per_microbatch
+
+        def body(state, index):
+            acc, _ = state
+            return self._microbatch_body(
+                acc, params, model_state, penalty_state, data, indices, weights, step, index
+            ), None
+
+        (carry, new_penalty_state), _ = jax.lax.scan(
+            body, (carry, penalty_state), jnp.arange(num_microbatches)
+        )
+        return carry, new_penalty_state
+
+    def _sharded(self, body):
+        shard = P(DATA_AXIS)
+        return jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(shard, P(), P(), P(), P(), shard, shard, P(), P()),
+            out_specs=(shard, P()),
+            # With varying-axis checks on, the gradient of a device-local loss with respect to
+            # replicated parameters is psum-ed over devices by autodiff; every block gradient
+            # here must stay local (the reduction happens once, in _finalize).
+            check_vma=False,
+        )
+
+    # ----- reduction across devices ---------------------------------------------------------
+    def _finalize_impl(self, carry):
+        # carry leaves are [devices, ...] sharded over `data`: summing axis 0 is the all-reduce.
+        totals = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), carry)
+        count = totals.pop("weight")
+        means = jax.tree.map(lambda leaf: leaf / count, totals)
+        grads = means.pop("grads")
+        model_state = means.pop("model_state")
+        metrics = dict(means)
+        metrics["grad_norm"] = jnp.sqrt(_tree_sq_norm(grads))
+        metrics["blocks"] = count
+        return grads, model_state, metrics
+
+    def _zero_carry_impl(self, params, model_state):
+        def zeros(leaf):
+            return jnp.zeros((self.num_devices, *jnp.shape(leaf)), jnp.float32)
+
+        scalar = jnp.zeros((), jnp.float32)
+        template = {
+            "grads": params,
+            "model_state": model_state,
+            "loss": scalar,
+            "accuracy": scalar,
+            "block_grad_sq_norm": scalar,
+            "weight": scalar,
+        }
+        return jax.tree.map(zeros, template)
+
+    def __call__(
+        self,
+        params: PyTree,
+        model_state: PyTree,
+        penalty_state: PyTree,
+        data: PyTree,
+        block_indices: np.ndarray,
+        step: int | jax.Array,
+    ) -> FullBatchResult:
+        """Mean transformed block gradient over ``block_indices`` ([num_blocks, block_size]).
+
+        ``params``, ``model_state``, ``penalty_state`` and ``data`` should already be replicated
+        on the mesh (see :func:`replicate`); ``block_indices`` is a host array, identical on
+        every process. ``step`` is handed to ``batch_fn`` (augmentation draws).
+        """
+        indices, weights = self.padded_layout(block_indices)
+        indices = shard_rows(indices, self.mesh)
+        weights = shard_rows(weights, self.mesh)
+        step = jnp.asarray(step, jnp.int32)
+        carry = self._zero_carry(params, model_state)
+        num_microbatches = indices.shape[0] // (self.num_devices * self.blocks_per_microbatch)
+        new_penalty_state = penalty_state
+        args = (params, model_state, penalty_state, data, indices, weights, step)
+        if self.microbatch_loop == "scan":
+            carry, new_penalty_state = self._all_microbatches(carry, *args, jnp.int32(0))
+        else:
+            for index in range(num_microbatches):
+                carry, new_penalty_state = self._microbatch(carry, *args, jnp.int32(index))
+        grads, model_state, metrics = self._finalize(carry)
+        metrics["images"] = metrics.pop("blocks") * block_indices.shape[1]
+        return FullBatchResult(grads, model_state, new_penalty_state, metrics)

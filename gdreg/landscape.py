@@ -1,0 +1,421 @@
+"""The training loss around a checkpoint along random filter-normalized directions.
+
+    python -m gdreg.landscape --workdir RUN_DIR [--directions 1|2] [--points 21]
+                              [--span 1.0] [--seed 0] [--test] [--out DIR]
+
+Li, Xu, Taylor, Studer & Goldstein, "Visualizing the Loss Landscape of Neural Nets"
+(NeurIPS 2018): draw a Gaussian direction d with the shape of the parameters theta and
+rescale it filter by filter, d_f <- d_f * ||theta_f|| / ||d_f||, so that a step of length 1
+changes every filter by as much as the filter's own norm. Here a *filter* is everything
+that feeds one output channel of a convolution or one output unit of a dense layer: the
+slices along the last axis of a Flax kernel (``[kh, kw, in, out]`` or ``[in, out]``). As in
+Li et al.'s code (its ``ignore="biasbn"`` option), the direction is zero on biases and
+BatchNorm scales and offsets (every parameter with fewer than two axes): they stay at the
+checkpoint's values.
+
+The loss is evaluated at ``theta + a * d1`` (1D) or ``theta + a * d1 + b * d2`` (2D) for
+``a, b`` in ``linspace(-span, span, points)``, plus the checkpoint itself. It is the
+quantity the training log reports as ``train_loss``/``train_accuracy``: the mean
+cross-entropy (no weight decay, no penalty) and accuracy over the training blocks in
+training mode (BatchNorm on each block's statistics), computed by the same sharded
+:class:`gdreg.fullbatch.FullBatchGradient` machinery as training, on the block layout and
+the augmentation draws of the epoch that follows the checkpoint (``train.epoch_layouts``;
+for stochastic runs the epoch's minibatches are the blocks). Only the forward pass runs:
+the loss is wrapped in ``stop_gradient``, so the engine's backward pass is empty. At
+distance 0 the value is exactly the training loss that the next epoch would log. With
+``--test`` the test loss and accuracy (evaluation mode) are computed at every point too.
+
+Writes ``landscape.json`` (grid, values and settings), ``landscape.csv`` (one row per
+point) and ``landscape.png`` (loss and accuracy along the line for 1D; loss contours for
+2D) to ``--out`` (default: the run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from gdreg import train
+from gdreg.config import ROW_TITLES, base_config
+from gdreg.fullbatch import FullBatchGradient, fetch_replicated, replicate
+
+PyTree = Any
+OUTPUT_NAME = "landscape"
+FIGURE_SIZE_PX = (900, 600)
+FIGURE_DPI = 100
+NORMALIZATION = (
+    "filter-wise (Li et al. 2018): each output channel/unit of a kernel rescaled to the norm "
+    "of the matching parameter filter; zero on biases and BatchNorm parameters"
+)
+
+
+class LandscapeError(Exception):
+    """The run directory cannot be used; the one-line message says why."""
+
+
+# ----- config and checkpoint ------------------------------------------------------------------
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        current = config.get(key) if key in config else None
+        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+            _merge(current, value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            config[key] = tuple(value)
+        else:
+            config[key] = value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's ``config.json``, on top of :func:`gdreg.config.base_config`'s defaults."""
+    path = os.path.join(workdir, train.CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise LandscapeError(f"{workdir}: no {train.CONFIG_FILE}, not a training run directory")
+    try:
+        with open(path) as handle:
+            values = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise LandscapeError(f"{path}: not JSON ({error})") from None
+    config = base_config()
+    _merge(config, values)
+    return config
+
+
+def load_checkpoint(run: train.Run, workdir: str) -> dict[str, PyTree]:
+    """The newest checkpoint of ``workdir`` (host arrays), shaped like the run's state."""
+    if not os.path.isdir(os.path.join(workdir, train.CHECKPOINT_DIR)):
+        raise LandscapeError(f"{workdir}: no {train.CHECKPOINT_DIR}/ directory, nothing to load")
+    manager = train.checkpoint_manager(workdir, run.config.checkpoint.keep)
+    try:
+        state = train.restore_latest(manager, train.initial_state(run))
+    finally:
+        manager.close()
+    if state is None:
+        raise LandscapeError(f"{workdir}: {train.CHECKPOINT_DIR}/ holds no checkpoint")
+    return jax.tree.map(np.asarray, state)
+
+
+# ----- directions -----------------------------------------------------------------------------
+
+
+def filter_normalize(direction: PyTree, params: PyTree) -> PyTree:
+    """Rescales every filter of ``direction`` to the norm of the matching filter of ``params``.
+
+    Filters are the slices along the last axis of every parameter with two or more axes;
+    parameters with fewer axes (biases, BatchNorm) get a zero direction.
+    """
+
+    def one(d, p):
+        d = np.asarray(d, np.float32)
+        p = np.asarray(p, np.float32)
+        if p.ndim < 2:
+            return np.zeros_like(p)
+        axes = tuple(range(p.ndim - 1))
+        p_norm = np.sqrt(np.sum(np.square(p), axis=axes, keepdims=True))
+        d_norm = np.sqrt(np.sum(np.square(d), axis=axes, keepdims=True))
+        return d * (p_norm / (d_norm + 1e-10))
+
+    return jax.tree.map(one, direction, params)
+
+
+def random_direction(params: PyTree, seed: int, index: int) -> PyTree:
+    """A Gaussian direction (one stream per parameter), filter-normalized to ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    draws = [
+        np.random.default_rng([seed, index, k]).standard_normal(np.shape(leaf)).astype(np.float32)
+        for k, leaf in enumerate(leaves)
+    ]
+    return filter_normalize(jax.tree.unflatten(treedef, draws), params)
+
+
+# ----- evaluation -----------------------------------------------------------------------------
+
+
+def loss_only_engine(run: train.Run) -> FullBatchGradient:
+    """``run.engine``'s loss and accuracy without its backward pass or penalty.
+
+    The same loss, batch function, mesh and block-loop settings, with the parameters behind
+    ``stop_gradient``: the gradients come out as zeros without being computed.
+    """
+    engine = run.engine
+    loss_fn = engine.loss_fn
+
+    def frozen_loss(params, model_state, inputs, labels):
+        return loss_fn(jax.lax.stop_gradient(params), model_state, inputs, labels)
+
+    return FullBatchGradient(
+        frozen_loss,
+        engine.batch_fn,
+        mesh=run.mesh,
+        penalty=None,
+        blocks_per_microbatch=engine.blocks_per_microbatch,
+        microbatch_loop=engine.microbatch_loop,
+        block_loop=engine.block_loop,
+    )
+
+
+def landscape_layout(run: train.Run, epoch: int) -> np.ndarray:
+    """The blocks of the epoch after the checkpoint: its full-batch layout or its minibatches."""
+    layouts = train.epoch_layouts(run, epoch)
+    return layouts[0] if len(layouts) == 1 else np.concatenate(layouts, axis=0)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (a line every 5% when stderr is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.began = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, total // 20)
+
+    def update(self, done: int, loss: float) -> None:
+        if not self.enabled or not (self.tty or done % self.every == 0 or done == self.total):
+            return
+        elapsed = time.perf_counter() - self.began
+        left = elapsed / max(done, 1) * (self.total - done)
+        width = 24
+        filled = int(width * done / self.total)
+        text = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} points "
+            f"loss {loss:.4f} {elapsed:.0f}s elapsed, {left:.0f}s left"
+        )
+        end = "\n" if not self.tty or done == self.total else ""
+        sys.stderr.write(("\r" if self.tty else "") + text + end)
+        sys.stderr.flush()
+
+
+def compute_landscape(
+    workdir: str,
+    *,
+    directions: int = 1,
+    points: int = 21,
+    span: float = 1.0,
+    seed: int = 0,
+    test: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Loads the run in ``workdir`` and evaluates the loss on the grid; returns the results."""
+    if directions not in (1, 2):
+        raise LandscapeError(f"--directions must be 1 or 2, got {directions}")
+    if points < 1:
+        raise LandscapeError(f"--points must be at least 1, got {points}")
+    if not span > 0:
+        raise LandscapeError(f"--span must be positive, got {span}")
+    config = load_config(workdir)
+    try:
+        run = train.build(config)
+    except train.ConfigError as error:
+        raise LandscapeError(f"{workdir}: {error}") from None
+    state = load_checkpoint(run, workdir)
+    epoch = int(state["epoch"])
+    params = state["params"]
+    layout = landscape_layout(run, epoch)
+    engine = loss_only_engine(run)
+
+    dirs = [random_direction(params, seed, index) for index in range(directions)]
+    params_dev = replicate(params, run.mesh)
+    dirs_dev = replicate(dirs, run.mesh)
+    model_state = replicate(state["model_state"], run.mesh)
+
+    @jax.jit
+    def moved(params, dirs, coefficients):
+        def leaf(p, *ds):
+            return p + sum(c * d for c, d in zip(coefficients, ds, strict=True))
+
+        return jax.tree.map(leaf, params, *dirs)
+
+    def evaluate(coefficients) -> dict[str, float]:
+        at = moved(params_dev, dirs_dev, np.asarray(coefficients, np.float32))
+        metrics = fetch_replicated(
+            engine(at, model_state, None, run.train_data, layout, epoch).metrics
+        )
+        values = {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"])}
+        if test:
+            result = run.evaluator(at, model_state, run.test_data, len(run.dataset.test_images))
+            values.update(test_loss=result["loss"], test_accuracy=result["accuracy"])
+        return values
+
+    axis = np.linspace(-span, span, points) if points > 1 else np.zeros(1)
+    axis = np.asarray([float(f"{a:.12g}") for a in axis])  # -0.4, not -0.399999999999999
+    grid = [(a,) for a in axis] if directions == 1 else [(a, b) for a in axis for b in axis]
+    began = time.perf_counter()
+    center = evaluate((0.0,) * directions)
+    bar = ProgressBar(len(grid), enabled=progress)
+    values = []
+    for done, coefficients in enumerate(grid, 1):
+        values.append(evaluate(coefficients))
+        bar.update(done, values[-1]["loss"])
+    seconds = time.perf_counter() - began
+
+    shape = (points,) * directions
+    result: dict[str, Any] = {
+        "workdir": os.path.abspath(workdir),
+        "epoch": epoch,
+        "row": config.row,
+        "directions": directions,
+        "points": points,
+        "span": span,
+        "seed": seed,
+        "normalization": NORMALIZATION,
+        "quantity": "mean training cross-entropy and accuracy over the blocks, training mode",
+        "layout": {
+            "mode": config.train.mode,
+            "blocks": int(layout.shape[0]),
+            "block_size": int(layout.shape[1]),
+            "images": int(layout.size),
+            "step": epoch,
+        },
+        "alpha": axis.tolist(),
+        "center": center,
+        "seconds": seconds,
+    }
+    if directions == 2:
+        result["beta"] = axis.tolist()
+    for key in values[0]:
+        result[key] = np.asarray([v[key] for v in values]).reshape(shape).tolist()
+    result["grid"] = [[float(c) for c in coefficients] for coefficients in grid]
+    return result
+
+
+# ----- output ---------------------------------------------------------------------------------
+
+
+def write_outputs(result: dict[str, Any], out: str) -> dict[str, str]:
+    """Writes landscape.json, landscape.csv and landscape.png to ``out``; returns their paths."""
+    os.makedirs(out, exist_ok=True)
+    paths = {ext: os.path.join(out, f"{OUTPUT_NAME}.{ext}") for ext in ("json", "csv", "png")}
+    with open(paths["json"], "w") as handle:
+        json.dump({k: v for k, v in result.items() if k != "grid"}, handle, indent=1)
+    keys = [k for k in ("loss", "accuracy", "test_loss", "test_accuracy") if k in result]
+    names = ["alpha", "beta"][: result["directions"]]
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(names + keys)
+        flat = {k: np.ravel(result[k]) for k in keys}
+        for index, coefficients in enumerate(result["grid"]):
+            writer.writerow(
+                [f"{c:.6g}" for c in coefficients] + [f"{flat[k][index]:.8g}" for k in keys]
+            )
+    plot_landscape(result, paths["png"])
+    return paths
+
+
+def plot_landscape(result: dict[str, Any], path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    width, height = FIGURE_SIZE_PX
+    figure = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    row = result["row"]
+    name = ROW_TITLES.get(row, row) if row else os.path.basename(result["workdir"])
+    title = f"{name}, epoch {result['epoch']}: training loss along filter-normalized directions"
+    alpha = np.asarray(result["alpha"])
+    loss = np.asarray(result["loss"], np.float64)
+    positive = bool(np.all(loss > 0) and np.all(np.isfinite(loss)))
+    if result["directions"] == 1:
+        axis.plot(alpha, loss, color="C0", marker="o", markersize=3, label="training loss")
+        if "test_loss" in result:
+            axis.plot(alpha, result["test_loss"], color="C0", linestyle="--", label="test loss")
+        if positive:
+            axis.set_yscale("log")
+        axis.set_xlabel("distance along the direction (filter-normalized units)")
+        axis.set_ylabel("loss", color="C0")
+        accuracy_axis = axis.twinx()
+        accuracy_axis.plot(
+            alpha, 100 * np.asarray(result["accuracy"]), color="C1", label="training accuracy"
+        )
+        if "test_accuracy" in result:
+            accuracy_axis.plot(
+                alpha,
+                100 * np.asarray(result["test_accuracy"]),
+                color="C1",
+                linestyle="--",
+                label="test accuracy",
+            )
+        accuracy_axis.set_ylabel("accuracy (%)", color="C1")
+        accuracy_axis.set_ylim(0, 100)
+        lines = axis.get_lines() + accuracy_axis.get_lines()
+        figure.legend(
+            lines, [line.get_label() for line in lines], loc="lower center", ncol=len(lines)
+        )
+        axis.grid(True, alpha=0.3)
+    else:
+        beta = np.asarray(result["beta"])
+        if alpha.size < 2:
+            raise LandscapeError("a 2D landscape needs --points 2 or more to draw contours")
+        # loss[i][j] is at (alpha[i], beta[j]): alpha on the x axis
+        xs, ys = np.meshgrid(alpha, beta, indexing="ij")
+        if positive and loss.max() > loss.min():
+            levels = np.geomspace(loss.min(), loss.max(), 25)
+            filled = axis.contourf(xs, ys, loss, levels=levels, norm=LogNorm(), cmap="viridis")
+            axis.contour(xs, ys, loss, levels=levels[::3], colors="white", linewidths=0.6)
+        else:
+            filled = axis.contourf(xs, ys, loss, levels=25, cmap="viridis")
+        figure.colorbar(filled, ax=axis, label="training loss")
+        axis.plot([0], [0], marker="*", color="red", markersize=12, linestyle="none")
+        axis.set_xlabel("direction 1")
+        axis.set_ylabel("direction 2")
+        axis.set_aspect("equal")
+    axis.set_title(title, fontsize="medium")
+    figure.tight_layout(rect=(0, 0.06 if result["directions"] == 1 else 0, 1, 1))
+    figure.savefig(path, dpi=FIGURE_DPI)
+
+
+# ----- the program ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gdreg.landscape",
+        description="Training loss around a run's latest checkpoint along random "
+        "filter-normalized directions (Li et al., NeurIPS 2018).",
+    )
+    parser.add_argument("--workdir", required=True, help="the run directory")
+    parser.add_argument("--directions", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--points", type=int, default=21, help="grid points per direction")
+    parser.add_argument("--span", type=float, default=1.0, help="grid from -span to +span")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    parser.add_argument("--test", action="store_true", help="also evaluate the test set")
+    parser.add_argument("--out", default=None, help="output directory (default: --workdir)")
+    args = parser.parse_args(argv)
+    try:
+        result = compute_landscape(
+            args.workdir,
+            directions=args.directions,
+            points=args.points,
+            span=args.span,
+            seed=args.seed,
+            test=args.test,
+        )
+        paths = write_outputs(result, args.out or args.workdir)
+    except LandscapeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    loss = np.asarray(result["loss"])
+    print(
+        f"epoch {result['epoch']}: training loss {result['center']['loss']:.4f} at the "
+        f"checkpoint, {loss.min():.4f} to {loss.max():.4f} on the grid "
+        f"({loss.size} points, {result['seconds']:.1f}s)"
+    )
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Command line: ``python -m gdreg.main --config configs/resnet18_fb.py[:variant] --workdir DIR``.
+
+Fields are overridden as ``--config.optim.lr=0.4``. When started as one of several processes
+(SLURM, or ``--coordinator_address`` with ``--num_processes``/``--process_id``), the JAX
+distributed runtime is initialized first; see ``launch/``.
+
+Exit codes: 0 done; 2 config or dataset error (also: the processes got different configs, or
+incomplete multi-process flags); 3 training diverged; 4 not all processes joined within
+``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT: a checkpoint was saved, rerun
+with the same ``--workdir`` to resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early, rerun with the same workdir to resume
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints; reruns resume.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.DEFINE_integer(
+    "initialization_timeout",
+    300,
+    "Seconds to wait for all processes to join; a process still waiting then exits with code 4.",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    from gdreg import distributed
+
+    try:
+        distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+            timeout_seconds=FLAGS.initialization_timeout,
+        )
+        distributed.check_same_config(FLAGS.config)
+    except distributed.StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    else:
+        code = _train()
+    # Every process gets here with the same code (the errors above are raised on every
+    # process alike), so leaving the runtime together does not wait on a missing process.
+    distributed.shutdown()
+    return code
+
+
+def _train() -> int:
+    from gdreg import data, train
+
+    try:
+        record = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (train.ConfigError, data.DatasetNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except train.TrainingDivergedError as error:
+        print(
+            f"error: training diverged: {error}; the last good checkpoint in "
+            f"{FLAGS.workdir} is intact",
+            file=sys.stderr,
+        )
+        return 3
+    except train.Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    summary = ", ".join(
+        f"{key} {record[key]:.4f}"
+        for key in ("train_loss", "test_loss", "test_accuracy")
+        if key in record
+    )
+    print(f"done: epoch {record.get('epoch')}: {summary}")
+    return 0
+
+
+def run() -> None:
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

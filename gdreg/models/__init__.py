@@ -1,0 +1,11 @@
+"""Model zoo (Flax Linen): CIFAR ResNets, DenseNet-121, VGG with BN, two small CNNs.
+
+>>> from gdreg.models import create_model
+>>> model = create_model("resnet18", num_classes=10)  # doctest: +SKIP
+>>> variables = model.init(key, x, train=False)  # doctest: +SKIP
+>>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])  # doctest: +SKIP
+"""
+
+from gdreg.models.registry import create_model, model_names, register_model
+
+__all__ = ["create_model", "model_names", "register_model"]

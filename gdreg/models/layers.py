@@ -1,0 +1,134 @@
+"""Building blocks shared by the model zoo: initializers, conv/BN/dense helpers, pooling.
+
+Conventions used everywhere in :mod:`gdreg.models`:
+
+* Inputs are NHWC. 3x3 convolutions use explicit symmetric padding of 1 (PyTorch's
+  ``padding=1``), not Flax's ``"SAME"``, which pads asymmetrically for stride 2.
+* Parameters are always float32 (``param_dtype``); ``dtype`` is the compute dtype.
+* BatchNorm: ``momentum=0.9`` (PyTorch momentum 0.1), ``epsilon=1e-5``, scale 1 / bias 0,
+  running statistics in the ``batch_stats`` collection (stored in float32 by Flax).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+PARAM_DTYPE = jnp.float32
+
+# torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out).
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.init.kaiming_normal_(w) with its defaults (fan_in, leaky_relu a=0): N(0, 2 / fan_in).
+kaiming_normal_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# PyTorch's default Conv2d / Linear weight init, kaiming_uniform_(a=sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default bias init for Conv2d / Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = PARAM_DTYPE) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    dtype: Dtype,
+    strides: int = 1,
+    use_bias: bool = False,
+    kernel_init: nn.initializers.Initializer = kaiming_normal_fan_out,
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros,
+    name: str | None = None,
+) -> nn.Conv:
+    """A square convolution with PyTorch-style padding ``kernel // 2`` on every side."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=PARAM_DTYPE,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        name=name,
+    )
+
+
+def batch_norm(train: bool, *, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults; batch statistics in train mode, running ones in eval."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=PARAM_DTYPE,
+        scale_init=nn.initializers.ones,
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Mean over H and W ([N, H, W, C] -> [N, C]); the sum is taken in float32."""
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+
+
+def avg_pool_ceil(x: jax.Array, window: int) -> jax.Array:
+    """Average pool with window = stride; equals PyTorch ``AvgPool2d(window, window)`` on sizes
+    divisible by ``window``. On other sizes the partial last window is kept (averaged over the
+    real pixels only), so the result has ``ceil(size / window)`` pixels, the same size as a
+    strided 3x3 convolution with padding 1 produces."""
+    if window == 1:
+        return x
+    return nn.avg_pool(
+        x, (window, window), strides=(window, window), padding="SAME", count_include_pad=False
+    )
+
+
+def max_pool_ceil(x: jax.Array, window: int = 2) -> jax.Array:
+    """Max pool with window = stride; equals PyTorch ``MaxPool2d(window, window)`` on sizes
+    divisible by ``window``, keeps a partial last window otherwise (never shrinks below 1 pixel)."""
+    return nn.max_pool(x, (window, window), strides=(window, window), padding="SAME")
+
+
+def dense(
+    features: int,
+    *,
+    dtype: Dtype,
+    kernel_init: nn.initializers.Initializer = torch_default_kernel_init,
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros,
+    name: str | None = None,
+) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=PARAM_DTYPE,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        name=name,
+    )
+
+
+def torch_dense(features: int, fan_in: int, *, dtype: Dtype, name: str | None = None) -> nn.Dense:
+    """A linear layer with PyTorch's default ``nn.Linear`` initialization (weight and bias)."""
+    return dense(
+        features,
+        dtype=dtype,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(fan_in),
+        name=name,
+    )

@@ -1,0 +1,103 @@
+"""Name -> model factory registry.
+
+A factory is called as ``factory(num_classes=..., width=..., dtype=...)`` with ``width``
+either ``None`` (use the architecture's default) or a positive int, and ``dtype`` a
+``jnp.dtype`` (the compute dtype; parameters stay float32). It returns a
+``flax.linen.Module`` whose ``__call__(x, train)`` maps NHWC floats to float32 logits.
+
+Names are case-insensitive (``create_model("ResNet18", ...)`` works).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from gdreg.models import densenet, resnet, small, vgg
+
+ModelFactory = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def _normalize(name: str) -> str:
+    return name.strip().lower()
+
+
+def register_model(name: str, factory: ModelFactory, *, overwrite: bool = False) -> None:
+    """Register ``factory`` under ``name`` (case-insensitive).
+
+    Registering a name that is already taken by a *different* factory raises ``ValueError``
+    unless ``overwrite=True``; registering the same factory object again is a no-op.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model.name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"model factory for {name!r} must be callable, got {factory!r}")
+    key = _normalize(name)
+    existing = _REGISTRY.get(key)
+    if existing is not None and existing is not factory and not overwrite:
+        raise ValueError(
+            f"model.name {name!r} is already registered; pass overwrite=True to replace it"
+        )
+    _REGISTRY[key] = factory
+
+
+def model_names() -> list[str]:
+    """All registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _check_dtype(dtype: str | Any) -> jnp.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"model.dtype: unknown dtype {dtype!r}") from err
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"model.dtype must be a floating dtype (float32, bfloat16), got {dt}")
+    return dt
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    width: int | None = None,
+    dtype: str | jnp.dtype = "float32",
+) -> nn.Module:
+    """Build the registered model ``name``.
+
+    Args:
+      name: a name from :func:`model_names` (case-insensitive).
+      num_classes: number of logits.
+      width: base width (ResNet/VGG first-stage channels, DenseNet growth rate, small CNN
+        channels); ``None`` for the architecture's default.
+      dtype: compute dtype, e.g. ``"float32"`` or ``"bfloat16"``; parameters are float32 and
+        logits are returned as float32 either way.
+    """
+    key = _normalize(name) if isinstance(name, str) else None
+    if key not in _REGISTRY:
+        raise ValueError(f"model.name: unknown model {name!r}; known models: {model_names()}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width <= 0):
+        raise ValueError(f"model.width must be a positive integer or None, got {width!r}")
+    return _REGISTRY[key](num_classes=num_classes, width=width, dtype=_check_dtype(dtype))
+
+
+def _register_builtins() -> None:
+    for depth in sorted(resnet.RESNET_CONFIGS):
+        register_model(f"resnet{depth}", functools.partial(resnet.resnet, depth))
+    for depth in sorted(densenet.DENSENET_CONFIGS):
+        register_model(f"densenet{depth}", functools.partial(densenet.densenet, depth))
+    for depth in sorted(vgg.VGG_CONFIGS):
+        register_model(f"vgg{depth}", functools.partial(vgg.vgg, depth))
+    register_model("convnet1", small.convnet1)
+    register_model("convnet2", small.convnet2)
+
+
+_register_builtins()

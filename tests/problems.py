@@ -1,0 +1,55 @@
+"""A tiny BatchNorm CNN problem shared by the full-batch tests and their multi-process worker."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+NUM_IMAGES = 48
+BLOCK_SIZE = 6
+
+
+class TinyBNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(4, (3, 3), use_bias=False)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x)
+        x = nn.Conv(4, (3, 3), strides=2)(x)
+        x = jnp.tanh(x).mean(axis=(1, 2))
+        return nn.Dense(3)(x)
+
+
+MODEL = TinyBNNet()
+
+
+def dataset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(NUM_IMAGES, 6, 6, 2)).astype(np.float32)
+    labels = rng.integers(0, 3, NUM_IMAGES).astype(np.int32)
+    return images, labels
+
+
+def init(seed: int = 0):
+    images, _ = dataset()
+    variables = MODEL.init(jax.random.key(seed), images[:2], train=False)
+    variables = jax.tree.map(np.asarray, variables)
+    params = variables.pop("params")
+    return params, dict(variables)
+
+
+def loss_fn(params, model_state, inputs, labels):
+    logits, new_state = MODEL.apply(
+        {"params": params, **model_state}, inputs, train=True, mutable=["batch_stats"]
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (new_state, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)})
+
+
+def batch_fn(data, indices, step):
+    del step
+    images, labels = data
+    return images[indices], labels[indices]

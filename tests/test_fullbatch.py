@@ -1,0 +1,236 @@
+"""The sharded full-batch gradient against a naive per-block loop, across devices and processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import problems
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from gdreg import gradient_norm_penalty
+from gdreg.fullbatch import (
+    FullBatchGradient,
+    block_layout,
+    data_mesh,
+    fetch_replicated,
+    replicate,
+)
+
+HERE = os.path.dirname(__file__)
+PENALTY = gradient_norm_penalty(strength=0.5, learning_rate=0.1, eps=1e-2, method="forward")
+
+
+def naive_full_batch(params, model_state, layout, penalty=None):
+    """jax.grad per block, the penalty per block, the mean over blocks; no sharding at all."""
+    images, labels = problems.dataset()
+    grads, losses, accuracies, sq_norms, states = [], [], [], [], []
+    penalty_state = penalty.init(params) if penalty else None
+    for block in layout:
+        x, y = images[block], labels[block]
+        (loss, (state, aux)), g = jax.value_and_grad(problems.loss_fn, has_aux=True)(
+            params, model_state, x, y
+        )
+        sq_norms.append(float(sum(np.sum(np.square(leaf)) for leaf in jax.tree.leaves(g))))
+        if penalty is not None:
+            g, _ = penalty.update(
+                g,
+                penalty_state,
+                params,
+                grad_fn=jax.grad(lambda p, x=x, y=y: problems.loss_fn(p, model_state, x, y)[0]),
+            )
+        grads.append(ravel_pytree(g)[0])
+        losses.append(float(loss))
+        accuracies.append(float(aux["accuracy"]))
+        states.append(ravel_pytree(state)[0])
+    return {
+        "grads": np.mean(grads, axis=0),
+        "model_state": np.mean(states, axis=0),
+        "loss": np.mean(losses),
+        "accuracy": np.mean(accuracies),
+        "block_grad_sq_norm": np.mean(sq_norms),
+    }
+
+
+def sharded_full_batch(params, model_state, layout, *, devices=None, penalty=None, **knobs):
+    mesh = data_mesh(devices)
+    engine = FullBatchGradient(
+        problems.loss_fn, problems.batch_fn, mesh=mesh, penalty=penalty, **knobs
+    )
+    result = engine(
+        replicate(params, mesh),
+        replicate(model_state, mesh),
+        replicate(penalty.init(params), mesh) if penalty else None,
+        replicate(problems.dataset(), mesh),
+        layout,
+        0,
+    )
+    return {
+        "grads": ravel_pytree(fetch_replicated(result.grads))[0],
+        "model_state": ravel_pytree(fetch_replicated(result.model_state))[0],
+        "penalty_state": result.penalty_state,
+        **fetch_replicated(result.metrics),
+    }
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params, model_state = problems.init()
+    layout = block_layout(problems.NUM_IMAGES, problems.BLOCK_SIZE)
+    return params, model_state, layout
+
+
+def assert_same(result, expected, rtol=2e-5, atol=1e-6):
+    for key in ("grads", "model_state", "loss", "accuracy", "block_grad_sq_norm"):
+        np.testing.assert_allclose(result[key], expected[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+@pytest.mark.parametrize("penalty", [None, PENALTY], ids=["plain", "penalty"])
+def test_matches_naive_loop_over_blocks(setup, penalty):
+    params, model_state, layout = setup
+    expected = naive_full_batch(params, model_state, layout, penalty)
+    result = sharded_full_batch(
+        params, model_state, layout, devices=jax.devices()[:1], penalty=penalty
+    )
+    assert_same(result, expected)
+    assert result["images"] == problems.NUM_IMAGES
+    np.testing.assert_allclose(result["grad_norm"], np.linalg.norm(expected["grads"]), rtol=2e-5)
+    if penalty is not None:
+        assert int(fetch_replicated(result["penalty_state"]).count) == 1
+        plain = naive_full_batch(params, model_state, layout)
+        assert not np.allclose(plain["grads"], expected["grads"], rtol=1e-3), (
+            "penalty had no effect"
+        )
+
+
+def test_batchnorm_state_is_one_momentum_update_with_mean_block_statistics(setup):
+    params, model_state, layout = setup
+    result = sharded_full_batch(params, model_state, layout, devices=jax.devices()[:1])
+    images, _ = problems.dataset()
+    conv = params["Conv_0"]["kernel"]
+    features = jax.lax.conv_general_dilated(
+        images, conv, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    block_means = np.stack([np.asarray(features[b]).mean(axis=(0, 1, 2)) for b in layout])
+    old = model_state["batch_stats"]["BatchNorm_0"]["mean"]
+    expected_mean = 0.9 * old + 0.1 * block_means.mean(axis=0)
+    state = fetch_replicated(ravel_pytree(model_state)[1](result["model_state"]))
+    np.testing.assert_allclose(
+        state["batch_stats"]["BatchNorm_0"]["mean"], expected_mean, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("penalty", [None, PENALTY], ids=["plain", "penalty"])
+def test_one_device_equals_eight_devices(setup, penalty):
+    assert jax.device_count() == 8, "tests/conftest.py asks XLA for 8 host devices"
+    params, model_state, layout = setup
+    one = sharded_full_batch(
+        params, model_state, layout, devices=jax.devices()[:1], penalty=penalty
+    )
+    eight = sharded_full_batch(params, model_state, layout, penalty=penalty)
+    assert_same(eight, one)
+    assert eight["images"] == one["images"] == problems.NUM_IMAGES
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"blocks_per_microbatch": 2},
+        {"blocks_per_microbatch": 4},
+        {"blocks_per_microbatch": 2, "block_loop": "vmap"},
+        {"blocks_per_microbatch": 2, "microbatch_loop": "scan"},
+    ],
+    ids=lambda knobs: "-".join(f"{k}={v}" for k, v in knobs.items()),
+)
+def test_loop_knobs_do_not_change_the_result(setup, knobs):
+    params, model_state, layout = setup
+    devices = jax.devices()[:2]
+    reference = sharded_full_batch(
+        params, model_state, layout, devices=devices, penalty=PENALTY, blocks_per_microbatch=1
+    )
+    result = sharded_full_batch(
+        params, model_state, layout, devices=devices, penalty=PENALTY, **knobs
+    )
+    assert_same(result, reference)
+
+
+def test_blocks_not_dividing_devices_are_padded_with_zero_weight(setup):
+    # 8 blocks on 3 devices x 2 blocks per microbatch: 4 zero-weight blocks pad the layout.
+    params, model_state, layout = setup
+    expected = naive_full_batch(params, model_state, layout)
+    result = sharded_full_batch(
+        params, model_state, layout, devices=jax.devices()[:3], blocks_per_microbatch=2
+    )
+    assert_same(result, expected)
+    assert result["images"] == problems.NUM_IMAGES
+
+
+def test_block_layout_drops_the_remainder_and_shuffles_by_seed():
+    layout = block_layout(50, 8)
+    assert layout.shape == (6, 8)
+    np.testing.assert_array_equal(layout.ravel(), np.arange(48))
+    shuffled = block_layout(50, 8, permutation_seed=3)
+    assert shuffled.shape == (6, 8) and len(np.unique(shuffled)) == 48
+    assert not np.array_equal(shuffled, layout)
+    np.testing.assert_array_equal(shuffled, block_layout(50, 8, permutation_seed=3))
+    assert not np.array_equal(shuffled, block_layout(50, 8, permutation_seed=4))
+    with pytest.raises(ValueError, match="larger than the number of training images"):
+        block_layout(5, 8)
+
+
+def test_bad_knobs_are_rejected():
+    mesh = data_mesh(jax.devices()[:1])
+    with pytest.raises(ValueError, match="microbatch_loop"):
+        FullBatchGradient(problems.loss_fn, problems.batch_fn, mesh=mesh, microbatch_loop="x")
+    with pytest.raises(ValueError, match="block_loop"):
+        FullBatchGradient(problems.loss_fn, problems.batch_fn, mesh=mesh, block_loop="x")
+    with pytest.raises(ValueError, match="blocks_per_microbatch"):
+        FullBatchGradient(problems.loss_fn, problems.batch_fn, mesh=mesh, blocks_per_microbatch=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_four_devices(setup, tmp_path):
+    params, model_state, layout = setup
+    expected = sharded_full_batch(
+        params, model_state, layout, devices=jax.devices()[:4], penalty=PENALTY
+    )
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    outs = [tmp_path / f"process{i}.npz" for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "fullbatch_worker.py"),
+                str(i),
+                str(port),
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i, out in enumerate(outs)
+    ]
+    try:
+        logs = [worker.communicate(timeout=240)[0].decode(errors="replace") for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, log in zip(workers, logs, strict=True):
+        assert worker.returncode == 0, log[-3000:]
+    for out in outs:
+        got = np.load(out)
+        np.testing.assert_allclose(got["grads"], expected["grads"], rtol=2e-5, atol=1e-6)
+        for key in ("loss", "accuracy", "block_grad_sq_norm", "grad_norm"):
+            np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=key)

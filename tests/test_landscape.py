@@ -1,0 +1,160 @@
+"""python -m gdreg.landscape: filter-normalized directions and the loss around a checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from gdreg import landscape, train
+from gdreg.config import base_config
+from gdreg.fullbatch import fetch_replicated, replicate
+
+
+def tiny_config(epochs: int = 2):
+    """Full batch with every feature that changes the loss evaluation: penalty, clipping,
+    random augmentation and blocks redrawn every step."""
+    config = base_config()
+    config.row = "practice"
+    config.model.name = "convnet1"
+    config.model.width = 4
+    config.data.name = "synthetic"
+    config.data.synthetic_shape = (8, 8, 3)
+    config.data.synthetic_train_size = 128
+    config.data.synthetic_test_size = 64
+    config.data.padding = 1
+    config.train.epochs = epochs
+    config.train.block_size = 32
+    config.train.shuffle_blocks = True
+    config.optim.lr = 0.1
+    config.optim.warmup_epochs = 1
+    config.optim.cosine_epochs = 4
+    config.eval.every_epochs = 0
+    config.checkpoint.every_epochs = 0
+    config.log.progress = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("run"))
+    train.train_and_evaluate(tiny_config(), path)
+    return path
+
+
+def test_filter_normalization_matches_parameter_filter_norms():
+    rng = np.random.default_rng(0)
+    params = {
+        "conv": {"kernel": rng.normal(size=(3, 3, 2, 5)), "bias": rng.normal(size=(5,))},
+        "dense": {"kernel": rng.normal(size=(7, 4)) * np.arange(1, 5)},
+        "bn": {"scale": np.ones(5), "bias": np.zeros(5)},
+    }
+    direction = landscape.random_direction(params, seed=3, index=0)
+    for name, axes in (("conv", (0, 1, 2)), ("dense", (0,))):
+        d = direction[name]["kernel"]
+        p = params[name]["kernel"]
+        assert d.shape == p.shape
+        np.testing.assert_allclose(
+            np.linalg.norm(d.reshape(-1, d.shape[-1]), axis=0),
+            np.sqrt(np.sum(np.square(p), axis=axes)),
+            rtol=1e-5,
+        )
+        assert not np.allclose(d, p)  # a random direction, not the parameters themselves
+    for leaf in (direction["conv"]["bias"], direction["bn"]["scale"], direction["bn"]["bias"]):
+        assert np.all(leaf == 0)
+    # deterministic in the seed, different directions for different indices
+    again = landscape.random_direction(params, seed=3, index=0)
+    other = landscape.random_direction(params, seed=3, index=1)
+    np.testing.assert_array_equal(again["dense"]["kernel"], direction["dense"]["kernel"])
+    assert not np.allclose(other["dense"]["kernel"], direction["dense"]["kernel"])
+
+
+def test_distance_zero_is_the_checkpoint_training_loss(workdir, tmp_path):
+    result = landscape.compute_landscape(
+        workdir, directions=1, points=3, span=0.5, progress=False
+    )
+    assert result["epoch"] == 2
+    assert result["alpha"] == [-0.5, 0.0, 0.5]
+    center = result["center"]["loss"]
+    assert result["loss"][1] == pytest.approx(center, rel=1e-6)
+    assert result["accuracy"][1] == pytest.approx(result["center"]["accuracy"])
+    assert result["loss"][0] > center and result["loss"][2] > center
+
+    # the training engine (penalty and all) at the checkpoint, on the layout of epoch 2
+    run = train.build(train.build(landscape.load_config(workdir)).config)
+    state = landscape.load_checkpoint(run, workdir)
+    layout = train.epoch_layouts(run, 2)[0]
+    assert result["layout"]["blocks"] == layout.shape[0] == 4
+    on_mesh = replicate(state, run.mesh)
+    metrics = fetch_replicated(
+        run.engine(
+            on_mesh["params"],
+            on_mesh["model_state"],
+            on_mesh["penalty_state"],
+            run.train_data,
+            layout,
+            2,
+        ).metrics
+    )
+    assert center == pytest.approx(float(metrics["loss"]), rel=1e-5)
+    assert result["center"]["accuracy"] == pytest.approx(float(metrics["accuracy"]))
+
+    # ... and the loss the training log reports for the next epoch
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    train.train_and_evaluate(tiny_config(epochs=3), resumed)
+    record = train.read_metrics(resumed)[-1]
+    assert record["epoch"] == 3
+    assert center == pytest.approx(record["train_loss"], rel=1e-5)
+
+
+def test_two_directions_write_json_csv_and_contour_plot(workdir, tmp_path):
+    out = str(tmp_path / "out")
+    assert (
+        landscape.main(
+            ["--workdir", workdir, "--directions", "2", "--points", "3", "--out", out, "--test"]
+        )
+        == 0
+    )
+    with open(os.path.join(out, "landscape.json")) as handle:
+        result = json.load(handle)
+    assert result["directions"] == 2 and result["beta"] == result["alpha"]
+    loss = np.asarray(result["loss"])
+    assert loss.shape == (3, 3) and np.all(np.isfinite(loss))
+    assert loss[1, 1] == pytest.approx(result["center"]["loss"], rel=1e-6)
+    assert np.asarray(result["test_accuracy"]).shape == (3, 3)
+    with open(os.path.join(out, "landscape.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 9
+    assert list(rows[0]) == ["alpha", "beta", "loss", "accuracy", "test_loss", "test_accuracy"]
+    assert float(rows[4]["alpha"]) == 0 and float(rows[4]["beta"]) == 0
+    assert float(rows[4]["loss"]) == pytest.approx(loss[1, 1], rel=1e-6)
+    picture = mpimg.imread(os.path.join(out, "landscape.png"))
+    assert picture.shape[:2] == (600, 900)
+
+
+def test_stochastic_runs_use_the_epoch_minibatches_as_blocks():
+    config = tiny_config()
+    config.train.mode = "stochastic"
+    config.train.batch_size = 48
+    run = train.build(config)
+    layout = landscape.landscape_layout(run, 5)
+    assert layout.shape == (2, 48)  # 128 // 48 minibatch steps
+    np.testing.assert_array_equal(layout, np.concatenate(train.epoch_layouts(run, 5)))
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert landscape.main(["--workdir", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    with open(os.path.join(tmp_path, "config.json"), "w") as handle:
+        handle.write(tiny_config().to_json_best_effort())
+    assert landscape.main(["--workdir", str(tmp_path)]) == 2
+    assert "no checkpoints/" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "checkpoints")  # nothing created on the way
+    assert jax.device_count() >= 1

@@ -1,0 +1,491 @@
+"""Multi-process launches (launch/, gdreg.main, gdreg.distributed) on loopback.
+
+The end-to-end tests start ``python -m gdreg.main`` processes with 2 CPU devices each that
+join through ``jax.distributed`` on 127.0.0.1, directly (``--coordinator_address``) or
+through launch/slurm.sbatch with a fake ``srun``. Every subprocess runs in its own session
+and is killed (with its children) when a test fails or runs out of time. The training run is
+the ``quick`` config shrunk to seconds: synthetic 16x16 images, the one-layer ``convnet1``,
+3 full-batch steps with the penalty and clipping on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gdreg import distributed
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH = REPO / "launch"
+CONFIG = f"{REPO / 'configs' / 'resnet18_fb.py'}:quick"
+TINY = [
+    "--config.data.name=synthetic",
+    "--config.data.train_size=0",
+    "--config.data.test_size=0",
+    "--config.data.synthetic_train_size=256",
+    "--config.data.synthetic_test_size=64",
+    "--config.data.synthetic_shape=(16,16,3)",
+    "--config.model.name=convnet1",
+    "--config.model.width=4",
+    "--config.train.epochs=3",
+    "--config.train.block_size=32",
+    "--config.eval.every_epochs=3",
+    "--config.checkpoint.every_epochs=3",
+    "--config.log.progress=False",
+]
+TIMING_KEYS = {"seconds", "images_per_second"}
+RUN_TIMEOUT = 240  # seconds for one end-to-end run on 2 busy cores (a run takes ~15 s of CPU)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+    """This environment without the test session's 8-device flag, with ``devices`` CPUs."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("SLURM_")}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONUNBUFFERED="1",
+        PYTHON=sys.executable,
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra)
+    return env
+
+
+class Processes:
+    """Subprocesses in their own sessions, logs in files; all killed on exit."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def wait(self, timeout: float) -> dict[str, int]:
+        """Exit codes by name; fails (after killing everything) when ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout
+        for name, proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(f"{name} still running after {timeout:g} s\n{self.logs()}")
+        return {name: proc.returncode for name, proc in self.procs}
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {name}:\n{self.log(name)[-tail:]}" for name, _ in self.procs)
+
+    def kill(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                # The process group of a process we started (start_new_session): it and the
+                # children it started, nothing else.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    procs = Processes(log_dir)
+    yield procs
+    procs.kill()
+
+
+def _main(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gdreg.main", "--config", CONFIG, *TINY, *args]
+
+
+def _process_flags(port: int, process_id: int, num_processes: int = 2) -> list[str]:
+    return [
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={process_id}",
+        "--initialization_timeout=120",
+    ]
+
+
+def _read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want] == [1, 2, 3]
+    for mine, theirs in zip(got, want, strict=True):
+        assert set(mine) == set(theirs)
+        for key in sorted(set(mine) - TIMING_KEYS):
+            np.testing.assert_allclose(
+                mine[key], theirs[key], rtol=1e-4, atol=1e-6, err_msg=f"epoch {mine['epoch']} {key}"
+            )
+    assert "test_accuracy" in got[-1] and "grad_norm" in got[-1]
+
+
+def _assert_single_writer(workdir: Path) -> None:
+    """One metrics file, one config, one checkpoint directory with exactly one committed step."""
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+    ]
+    steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert steps == ["3"], steps
+    files = [p for p in (workdir / "checkpoints").rglob("*")]
+    assert not [p for p in files if "tmp" in p.name], files
+    assert (workdir / "checkpoints" / "3" / "_CHECKPOINT_METADATA").is_file()
+
+
+def _restore_params(workdir: Path) -> dict:
+    """The checkpointed parameters as numpy, restored in a fresh single process."""
+    code = (
+        "import sys, numpy as np, orbax.checkpoint as ocp, jax\n"
+        "path = sys.argv[1]\n"
+        "meta = ocp.StandardCheckpointer().metadata(path).item_metadata\n"
+        "args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)\n"
+        "tree = ocp.PyTreeCheckpointer().restore(path, restore_args=args)\n"
+        "flat = jax.tree_util.tree_flatten_with_path(tree['params'])[0]\n"
+        "np.savez(sys.argv[2], **{jax.tree_util.keystr(k): v for k, v in flat})\n"
+    )
+    out = workdir.parent / f"{workdir.name}_params.npz"
+    subprocess.run(
+        [sys.executable, "-c", code, str(workdir / "checkpoints" / "3" / "default"), str(out)],
+        env=_env(1),
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process with 4 devices, started through launch/single_node.sh."""
+    workdir = tmp_path_factory.mktemp("one_process") / "run"
+    procs = Processes(workdir.parent)
+    try:
+        procs.start(
+            "single",
+            [str(LAUNCH / "single_node.sh"), "--config", CONFIG, *TINY, "--workdir", str(workdir)],
+            _env(4),
+        )
+        codes = procs.wait(RUN_TIMEOUT)
+    finally:
+        procs.kill()
+    assert codes == {"single": 0}, procs.logs()
+    assert "process 0 of 1" in procs.log("single")
+    return workdir
+
+
+# ----- end to end ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_four_devices(reference, processes, tmp_path):
+    workdir = tmp_path / "run"
+    port = _free_port()
+    for i in range(2):
+        processes.start(
+            f"process{i}", _main("--workdir", str(workdir), *_process_flags(port, i)), _env(2)
+        )
+    assert processes.wait(RUN_TIMEOUT) == {"process0": 0, "process1": 0}, processes.logs()
+    for i in range(2):
+        log = processes.log(f"process{i}")
+        assert f"process {i} of 2" in log and "4 devices in all" in log, log[-3000:]
+    _assert_same_metrics(_read_metrics(workdir), _read_metrics(reference))
+    _assert_single_writer(workdir)
+    _assert_single_writer(reference)
+    got, want = _restore_params(workdir), _restore_params(reference)
+    assert got.keys() == want.keys() and got
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# Fake srun: starts the tasks of one step on this machine with SLURM's per-task variables.
+echo "$@" >> "$FAKE_SLURM_LOG"
+ntasks="${SLURM_NTASKS:-1}"; per_node=1
+while [[ "$1" == -* ]]; do
+  case "$1" in
+    --ntasks=*) ntasks="${1#*=}" ;;
+    --ntasks-per-node=*) per_node="${1#*=}" ;;
+  esac
+  shift
+done
+if [[ -n "${FAKE_SRUN_EXIT:-}" ]]; then exit "$FAKE_SRUN_EXIT"; fi
+pids=()
+for ((i = 0; i < ntasks; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) \
+  SLURM_NTASKS=$ntasks SLURM_STEP_NUM_TASKS=$ntasks \
+  SLURM_STEP_NUM_NODES=$(((ntasks + per_node - 1) / per_node)) \
+  SLURM_STEP_NODELIST="$SLURM_JOB_NODELIST" SLURM_STEP_ID=0 \
+    "$@" > "$FAKE_SLURM_DIR/task$i.log" 2>&1 &
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+rc=0
+for pid in "${pids[@]}"; do
+  wait "$pid"; code=$?
+  ((code > rc)) && rc=$code
+done
+exit "$rc"
+"""
+
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+echo "scontrol $*" >> "$FAKE_SLURM_LOG"
+"""
+
+
+def _fake_slurm(tmp_path: Path, nodes: int, **extra: str) -> dict[str, str]:
+    """A PATH with fake srun/scontrol and the variables sbatch sets for a job on ``nodes``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = _env(
+        2,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FAKE_SLURM_LOG=str(tmp_path / "slurm_calls.log"),
+        FAKE_SLURM_DIR=str(tmp_path),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_NUM_NODES=str(nodes),
+        SLURM_NNODES=str(nodes),
+        SLURM_NTASKS=str(nodes),
+        SLURM_PROCID="0",
+        SLURM_CPUS_ON_NODE="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        JAX_COORDINATOR_PORT=str(_free_port()),
+    )
+    env.update(extra)
+    return env
+
+
+def test_slurm_script_parses():
+    for script in ("slurm.sbatch", "single_node.sh", "paper_table.sh"):
+        subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True, timeout=30)
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    for directive in ("#SBATCH --requeue", "#SBATCH --signal=TERM@", "#SBATCH --ntasks-per-node=1"):
+        assert directive in text
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_two_nodes(processes, tmp_path):
+    """One process per (fake) node: both join through SLURM's variables and train."""
+    workdir = tmp_path / "run"
+    env = _fake_slurm(tmp_path, nodes=2)
+    processes.start(
+        "sbatch",
+        [
+            "bash",
+            str(LAUNCH / "slurm.sbatch"),
+            "--config",
+            CONFIG,
+            *TINY,
+            "--workdir",
+            str(workdir),
+        ],
+        env,
+    )
+    codes = processes.wait(RUN_TIMEOUT)
+    tasks = "\n".join(
+        f"--- task{i}:\n{(tmp_path / f'task{i}.log').read_text(errors='replace')[-3000:]}"
+        for i in range(2)
+        if (tmp_path / f"task{i}.log").exists()
+    )
+    assert codes == {"sbatch": 0}, processes.logs() + tasks
+    calls = (tmp_path / "slurm_calls.log").read_text()
+    assert "--nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=2" in calls
+    for i in range(2):
+        log = (tmp_path / f"task{i}.log").read_text(errors="replace")
+        # one process per node: all local devices, no JAX restriction to SLURM_LOCALID
+        assert f"process {i} of 2" in log and "4 devices in all" in log, log[-3000:]
+    assert [r["epoch"] for r in _read_metrics(workdir)] == [1, 2, 3]
+    _assert_single_writer(workdir)
+
+
+def test_slurm_script_requeues_after_checkpoint_stop(tmp_path):
+    """Exit 75 (checkpointed on SIGTERM) requeues the job, up to MAX_RESTARTS."""
+    env = _fake_slurm(tmp_path, nodes=2, FAKE_SRUN_EXIT="75", PROCESS_PER="gpu", GPUS_PER_NODE="2")
+    script = ["bash", str(LAUNCH / "slurm.sbatch"), "--workdir", "x"]
+    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 75, result.stderr
+    calls = (tmp_path / "slurm_calls.log").read_text().splitlines()
+    assert calls[0].startswith("--nodes=2 --ntasks=4 --ntasks-per-node=2 --cpus-per-task=1 ")
+    assert calls[1] == "scontrol requeue 4242"
+    env["SLURM_RESTART_COUNT"] = env["MAX_RESTARTS"] = "3"
+    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 75 and "resubmit" in result.stdout
+    assert len((tmp_path / "slurm_calls.log").read_text().splitlines()) == 3  # no requeue
+    env["PROCESS_PER"] = "socket"
+    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "PROCESS_PER" in result.stderr
+
+
+@pytest.mark.slow
+def test_mismatched_configs_fail_fast_with_one_line(processes, tmp_path):
+    port = _free_port()
+    for i in range(2):
+        epochs = [f"--config.train.epochs={3 + i}"]
+        args = _main("--workdir", str(tmp_path / "run"), *_process_flags(port, i), *epochs)
+        processes.start(f"process{i}", args, _env(2))
+    assert processes.wait(120) == {"process0": 2, "process1": 2}, processes.logs()
+    for i in range(2):
+        errors = [line for line in processes.log(f"process{i}").splitlines() if "error" in line]
+        assert len(errors) == 1, errors
+        assert "process 1 got a config different from process 0's" in errors[0]
+        assert "train.epochs: 3 vs 4" in errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_missing_process_times_out_with_one_line(processes, tmp_path):
+    port = _free_port()
+    args = _main("--workdir", str(tmp_path / "run"), *_process_flags(port, 0))
+    args[-1] = "--initialization_timeout=3"
+    proc = processes.start("process0", args, _env(2))
+    codes = processes.wait(90)
+    assert codes == {"process0": distributed.JOIN_TIMEOUT_EXIT_CODE}, processes.logs()
+    log = processes.log("process0")
+    assert "error: process 0 of 2 (coordinator 127.0.0.1:" in log
+    assert "not all processes joined within 3 s" in log
+    assert "Check failure" not in log and "Traceback" not in log
+    assert proc.returncode == distributed.JOIN_TIMEOUT_EXIT_CODE
+
+
+# ----- launcher scripts without training -----------------------------------------------------
+
+
+def test_paper_table_submits_every_row_and_seed(tmp_path):
+    env = _env(1, SEEDS="2", RUNS_DIR=str(tmp_path / "runs"))
+    result = subprocess.run(
+        [str(LAUNCH / "paper_table.sh"), "--dry-run", "--config.data.name=synthetic"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    from gdreg.config import PAPER_ROWS
+
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 * len(PAPER_ROWS)
+    for row in PAPER_ROWS:
+        for seed in (0, 1):
+            line = next(x for x in lines if f"/resnet18_fb/{row}/seed{seed} " in x)
+            assert line.startswith(f"sbatch --job-name=gdreg-resnet18_fb-{row}-s{seed} ")
+            assert f"configs/resnet18_fb.py:{row} " in line and f"--config.seed={seed} " in line
+            assert line.rstrip().endswith("--config.data.name=synthetic")
+
+
+def test_paper_table_local_runs_sequentially(tmp_path):
+    """--local runs every row through single_node.sh (a stub interpreter records the calls)."""
+    stub = tmp_path / "python"
+    calls = tmp_path / "calls"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n[[ "$*" != *:clipped* ]]\n')
+    stub.chmod(stat.S_IRWXU)
+    env = _env(1, ROWS="sgd clipped strong", SEEDS="3 7", RUNS_DIR="r", PYTHON=str(stub))
+    result = subprocess.run(
+        [str(LAUNCH / "paper_table.sh"), "--local", "--", "--config.train.epochs=1"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "failed runs: r/resnet18_fb/clipped/seed3" in result.stderr
+    assert calls.read_text().splitlines() == [
+        f"-m gdreg.main --config configs/resnet18_fb.py:{row} --workdir r/resnet18_fb/{row}/seed{seed}"
+        f" --config.seed={seed} --config.train.epochs=1"
+        for row in ("sgd", "clipped", "strong")
+        for seed in (3, 7)
+    ]
+
+
+# ----- SLURM variables -> jax.distributed arguments ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("node001", "node001"),
+        ("node001,host2", "node001"),
+        ("node[001-016],host2", "node001"),
+        ("node[007,009-015]", "node007"),
+        ("gpu[3-4]-ib,cpu1", "gpu3-ib"),
+    ],
+)
+def test_first_hostname(nodelist, host):
+    assert distributed.first_hostname(nodelist) == host
+
+
+def _slurm(**overrides: str) -> dict[str, str]:
+    env = {
+        "SLURM_JOB_ID": "123457",
+        "SLURM_STEP_NODELIST": "gpu[12-13]",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+        "SLURM_STEP_NUM_NODES": "2",
+    }
+    env.update(overrides)
+    return env
+
+
+def test_slurm_settings_one_process_per_node_uses_all_gpus():
+    settings = distributed.slurm_settings(_slurm())
+    assert settings == {
+        "coordinator_address": f"gpu12:{123457 % 4096 + 61440}",
+        "num_processes": 2,
+        "process_id": 1,
+        "local_device_ids": None,
+    }
+    assert distributed.launched_by_slurm(_slurm())
+    assert not distributed.launched_by_slurm(_slurm(SLURM_NTASKS="1"))
+
+
+def test_slurm_settings_one_process_per_gpu():
+    env = _slurm(SLURM_NTASKS="8", SLURM_PROCID="6", SLURM_LOCALID="2")
+    assert distributed.slurm_settings(env)["local_device_ids"] == [2]
+    # SLURM bound one GPU to the task: use it, whatever its number.
+    assert (
+        distributed.slurm_settings({**env, "CUDA_VISIBLE_DEVICES": "2"})["local_device_ids"] is None
+    )
+    # an explicit choice wins (JAX reads JAX_LOCAL_DEVICE_IDS itself)
+    assert (
+        distributed.slurm_settings({**env, "JAX_LOCAL_DEVICE_IDS": "0,1"})["local_device_ids"]
+        is None
+    )
+    assert (
+        distributed.slurm_settings({**env, "JAX_COORDINATOR_PORT": "1234"})["coordinator_address"]
+        == "gpu12:1234"
+    )

@@ -1,0 +1,347 @@
+"""The training program: end-to-end runs, resume after a kill, configs and input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gdreg import train
+from gdreg.config import base_config, paper_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMING_FIELDS = ("seconds", "images_per_second")
+
+
+def tiny_config(**overrides):
+    """A config that trains in about a second per epoch: small CNN, 8x8 synthetic images."""
+    config = base_config()
+    config.model.name = "convnet2"
+    config.model.width = 4
+    config.data.name = "synthetic"
+    config.data.synthetic_shape = (8, 8, 3)
+    config.data.synthetic_train_size = 128
+    config.data.synthetic_test_size = 64
+    config.data.padding = 1
+    config.train.epochs = 4
+    config.train.block_size = 32
+    config.optim.lr = 0.2
+    config.optim.warmup_epochs = 1
+    config.optim.cosine_epochs = 8
+    config.eval.every_epochs = 2
+    config.eval.batch_size = 32
+    config.checkpoint.every_epochs = 2
+    config.checkpoint.keep = 5
+    config.log.progress = False
+    for dotted, value in overrides.items():
+        section, field = dotted.split("__")
+        config[section][field] = value
+    return config
+
+
+def main_command(workdir, *args, config="configs/resnet18_fb.py:quick"):
+    return [sys.executable, "-m", "gdreg.main", f"--config={config}", f"--workdir={workdir}", *args]
+
+
+TINY_FLAGS = (
+    "--config.model.name=convnet2",
+    "--config.model.width=4",
+    "--config.data.synthetic_shape=(8, 8, 3)",
+    "--config.data.synthetic_train_size=128",
+    "--config.data.synthetic_test_size=64",
+    "--config.data.padding=1",
+    "--config.data.train_size=0",
+    "--config.data.test_size=0",
+    "--config.train.block_size=32",
+    "--config.eval.batch_size=32",
+    "--config.log.progress=False",
+)
+
+
+def run_main(args, *, timeout=300, env=None):
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def restore_params(workdir, epoch):
+    path = os.path.join(os.path.abspath(workdir), train.CHECKPOINT_DIR)
+    with ocp.CheckpointManager(path) as manager:
+        restored = manager.restore(epoch, args=ocp.args.StandardRestore())
+    return jax.tree.map(np.asarray, restored["params"])
+
+
+# ----- end to end from the command line ---------------------------------------------------
+
+
+def test_quick_config_runs_from_the_command_line_on_synthetic_data(tmp_path):
+    # The quick variant with a smaller model and images, so that CI compiles it in seconds.
+    workdir = tmp_path / "quick"
+    result = run_main(
+        main_command(
+            workdir,
+            *TINY_FLAGS,
+            "--config.data.name=synthetic",
+            "--config.data.synthetic_train_size=256",
+            "--config.train.block_size=128",
+            "--config.train.epochs=2",
+            "--config.eval.every_epochs=1",
+            "--config.checkpoint.every_epochs=1",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: epoch 2" in result.stdout
+    records = train.read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
+        assert record["images"] == 256  # 2 blocks of 128
+        assert record["lr"] > 0 and record["grad_norm"] > 0
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["row"] == "quick" and config["penalty"]["strength"] == 0.5
+
+
+def test_quick_config_runs_from_the_command_line_on_tfds_mock_data(tmp_path):
+    workdir = tmp_path / "mock"
+    command = [
+        sys.executable,
+        os.path.join(HERE, "mock_tfds_main.py"),
+        "96",
+        f"--config={os.path.join(REPO, 'configs', 'resnet18_fb.py')}:quick",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        "--config.data.train_size=64",
+        "--config.data.test_size=32",
+        "--config.model.name=convnet2",
+        "--config.model.width=4",
+        "--config.train.block_size=32",
+        "--config.train.epochs=1",
+    ]
+    result = run_main(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = train.read_metrics(workdir)
+    assert record["images"] == 64 and "test_accuracy" in record
+    assert os.listdir(workdir / "checkpoints") == ["1"]
+
+
+# ----- resume -----------------------------------------------------------------------------
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = tiny_config()
+    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+
+    real_run_epoch = train.run_epoch
+
+    def dies_in_epoch_four(run, state, apply_update):
+        if int(jax.device_get(state["epoch"])) == 3:
+            raise SimulatedKill  # after epoch 3's metrics, with the last checkpoint at 2
+        return real_run_epoch(run, state, apply_update)
+
+    monkeypatch.setattr(train, "run_epoch", dies_in_epoch_four)
+    with pytest.raises(SimulatedKill):
+        train.train_and_evaluate(config, str(tmp_path / "killed"))
+    assert [r["epoch"] for r in train.read_metrics(tmp_path / "killed")] == [1, 2, 3]
+    monkeypatch.setattr(train, "run_epoch", real_run_epoch)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "killed"))
+
+    assert strip_timing(train.read_metrics(tmp_path / "killed")) == strip_timing(
+        train.read_metrics(tmp_path / "whole")
+    )
+    assert strip_timing([resumed]) == strip_timing([whole])
+    a, b = restore_params(tmp_path / "whole", 4), restore_params(tmp_path / "killed", 4)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_checkpoints_and_a_rerun_finishes_the_same_run(tmp_path):
+    epochs = 30
+    args = (*TINY_FLAGS, "--config.data.name=synthetic", f"--config.train.epochs={epochs}")
+    args = (*args, "--config.checkpoint.every_epochs=0", "--config.eval.every_epochs=0")
+    workdir = tmp_path / "preempted"
+    process = subprocess.Popen(
+        main_command(workdir, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    metrics = workdir / train.METRICS_FILE
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr.decode()[-3000:]
+    stopped_at = len(train.read_metrics(workdir))
+    assert 1 <= stopped_at < epochs
+    assert os.listdir(workdir / "checkpoints") == [str(stopped_at)]
+
+    result = run_main(main_command(workdir, *args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = run_main(main_command(tmp_path / "whole", *args))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert strip_timing(train.read_metrics(workdir)) == strip_timing(
+        train.read_metrics(tmp_path / "whole")
+    )
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(
+        optim__lr=1e4, optim__clip_norm=0.0, penalty__strength=0.0, train__epochs=20
+    )
+    config.checkpoint.every_epochs = 1
+    with pytest.raises(train.TrainingDivergedError, match="non-finite"):
+        train.train_and_evaluate(config, str(tmp_path))
+    records = train.read_metrics(tmp_path)
+    last = max(int(name) for name in os.listdir(tmp_path / "checkpoints"))
+    assert last == len(records)
+    params = restore_params(tmp_path, last)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+# ----- stochastic mode ----------------------------------------------------------------------
+
+
+def test_stochastic_epoch_visits_every_training_image_once():
+    config = tiny_config(train__mode="stochastic", train__batch_size=16)
+    run = train.build(config)
+    for epoch in (0, 1):
+        layouts = train.epoch_layouts(run, epoch)
+        assert len(layouts) == 128 // 16 and all(layout.shape == (1, 16) for layout in layouts)
+        np.testing.assert_array_equal(np.sort(np.concatenate(layouts).ravel()), np.arange(128))
+    assert not np.array_equal(train.epoch_layouts(run, 0)[0], train.epoch_layouts(run, 1)[0])
+
+
+def test_stochastic_run_trains(tmp_path):
+    config = tiny_config(train__mode="stochastic", train__batch_size=32, train__epochs=3)
+    train.train_and_evaluate(config, str(tmp_path))
+    records = train.read_metrics(tmp_path)
+    assert [r["images"] for r in records] == [128, 128, 128]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_full_batch_shuffle_redraws_blocks_each_epoch():
+    run = train.build(tiny_config(train__shuffle_blocks=True))
+    first, second = train.epoch_layouts(run, 0)[0], train.epoch_layouts(run, 1)[0]
+    assert first.shape == second.shape == (4, 32) and not np.array_equal(first, second)
+    np.testing.assert_array_equal(np.sort(first.ravel()), np.arange(128))
+    fixed = train.build(tiny_config())
+    np.testing.assert_array_equal(
+        train.epoch_layouts(fixed, 0)[0], train.epoch_layouts(fixed, 5)[0]
+    )
+
+
+# ----- the paper's configs ------------------------------------------------------------------
+
+# REFERENCE.md: (mode, epochs, lr, warmup, cosine horizon, clip, strength, block, shuffle)
+PAPER_VALUES = {
+    "sgd": ("stochastic", 300, 0.1, 5, 295, 0.0, 0.0, None, False),
+    "fb_baseline": ("fullbatch", 300, 0.1, 5, 295, 0.0, 0.0, 128, False),
+    "longer": ("fullbatch", 3000, 0.4, 400, 4000, 0.0, 0.0, 128, False),
+    "clipped": ("fullbatch", 3000, 0.4, 400, 4000, 0.25, 0.0, 128, False),
+    "regularized": ("fullbatch", 3000, 0.8, 400, 4000, 0.25, 0.5, 128, False),
+    "strong": ("fullbatch", 3000, 0.8, 400, 4000, 0.25, 0.5, 32, False),
+    "practice": ("fullbatch", 3000, 0.8, 400, 4000, 0.25, 0.5, 32, True),
+}
+
+
+@pytest.mark.parametrize("row", sorted(PAPER_VALUES))
+def test_paper_row_configs_carry_the_reference_hyperparameters(row):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "resnet18_fb", os.path.join(REPO, "configs", "resnet18_fb.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(row)
+    mode, epochs, lr, warmup, horizon, clip, strength, block, shuffle = PAPER_VALUES[row]
+    assert config.model.name == "resnet18" and config.data.name == "cifar10"
+    assert config.train.mode == mode and config.train.epochs == epochs
+    assert config.optim.lr == lr and config.optim.warmup_epochs == warmup
+    assert config.optim.cosine_epochs == horizon and config.optim.clip_norm == clip
+    assert config.penalty.strength == strength and config.train.shuffle_blocks == shuffle
+    assert config.penalty.eps == 1e-2 and config.penalty.method == "forward"
+    assert config.optim.momentum == 0.9 and config.optim.nesterov
+    assert config.optim.weight_decay == 5e-4
+    if block is None:
+        assert config.train.batch_size == 128
+    else:
+        assert config.train.block_size == block
+    assert config.data.augmentation == "random"
+    train.validate_config(config)
+
+
+def test_fixed_dataset_rows():
+    assert paper_config("resnet18", "strong_noaug").data.augmentation == "none"
+    copies = paper_config("resnet18", "strong_copies")
+    assert copies.data.augmentation == "fixed" and copies.data.copies == 10
+    assert copies.train.block_size == 32 and copies.penalty.strength == 0.5
+    assert paper_config("resnet18", "sgd_copies").train.mode == "stochastic"
+
+
+# ----- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("--config.model.name=resnet7", "model.name"),
+        ("--config.data.name=imagenet21k", "data.name"),
+        ("--config.optim.lr=-0.1", "optim.lr"),
+        ("--config.train.block_size=4096", "train.block_size"),
+    ],
+)
+def test_bad_input_ends_with_a_one_line_error_naming_the_field(tmp_path, flag, field):
+    result = run_main(
+        main_command(tmp_path, *TINY_FLAGS, "--config.data.name=synthetic", flag), timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and field in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_npz_with_mismatched_lengths_names_the_field(tmp_path):
+    path = tmp_path / "bad.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (10, 8, 8, 3), dtype=np.uint8),
+        y_train=np.zeros(9, np.int32),
+        x_test=rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
+        y_test=np.zeros(4, np.int32),
+    )
+    config = tiny_config(data__name="npz", data__npz_path=str(path))
+    with pytest.raises(train.ConfigError, match=r"data\.npz_path") as error:
+        train.build(config)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model", ["resnet50", "resnet152", "densenet121"])
+def test_second_table_configs_share_the_resnet18_rows(model):
+    import importlib.util
+
+    path = os.path.join(REPO, "configs", f"{model}_fb.py")
+    spec = importlib.util.spec_from_file_location(f"{model}_fb", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for row in PAPER_VALUES:
+        config = module.get_config(row)
+        assert config.model.name == model
+        expected = paper_config("resnet18", row)
+        expected.model.name = model
+        assert config.to_dict() == expected.to_dict()
