@@ -27,14 +27,18 @@ def learning_rate_schedule(
 ) -> optax.Schedule:
     """Learning rate as a function of the optimizer step, held constant within an epoch.
 
-    With e = step // steps_per_epoch (an epoch is one full-batch step in full-batch mode):
+    The reference implementation's ``GradualWarmupScheduler`` around ``CosineAnnealingLR``
+    (stepped once per epoch), with e = step // steps_per_epoch, W = ``warmup_epochs`` and
+    H = ``cosine_epochs``:
 
-        lr(e) = base_lr * (e + 1) / (warmup_epochs + 1)                        for e < warmup_epochs
-        lr(e) = base_lr * (1 + cos(pi * min(e - warmup_epochs, H) / H)) / 2    afterwards ("warmup_cosine")
-        lr(e) = base_lr                                                        afterwards ("warmup_constant")
+        lr(e) = base_lr * e / W                                          for e <= W
+        lr(e) = base_lr * (1 + cos(pi * min(e - W - 1, H) / H)) / 2      for e > W ("warmup_cosine")
+        lr(e) = base_lr                                                  for e > W ("warmup_constant")
 
-    with H = ``cosine_epochs``, counted from the end of the warmup. The warmup starts just above
-    zero rather than at zero so that no step is wasted with a zero rate.
+    so the warmup starts at 0 (the first epoch does not move the weights, as in the reference)
+    and the cosine starts one epoch after the warmup ends. Without warmup (W = 0) the cosine
+    starts at once: lr(e) = base_lr * (1 + cos(pi * min(e, H) / H)) / 2. With W = 400 and
+    H = 4000 ("cosine-4000") a 3000-step run ends at 27% of the base rate.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -49,13 +53,17 @@ def learning_rate_schedule(
 
     def lr(step):
         epoch = jnp.asarray(step) // steps_per_epoch
-        warm = base_lr * (epoch + 1) / (warmup_epochs + 1)
+        if warmup_epochs == 0:
+            since_warmup, warm = epoch, jnp.float32(base_lr)
+        else:
+            since_warmup = epoch - warmup_epochs - 1
+            warm = base_lr * epoch / warmup_epochs
         if schedule == "warmup_constant":
             after = jnp.asarray(base_lr, jnp.float32)
         else:
-            progress = jnp.clip(epoch - warmup_epochs, 0, cosine_epochs) / cosine_epochs
+            progress = jnp.clip(since_warmup, 0, cosine_epochs) / cosine_epochs
             after = base_lr * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-        return jnp.where(epoch < warmup_epochs, warm, after).astype(jnp.float32)
+        return jnp.where(epoch <= warmup_epochs, warm, after).astype(jnp.float32)
 
     return lr
 

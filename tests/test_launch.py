@@ -163,66 +163,46 @@ def _assert_single_writer(workdir: Path) -> None:
     assert (workdir / "checkpoints" / "3" / "_CHECKPOINT_METADATA").is_file()
 
 
-def _restore_params(workdir: Path) -> dict:
-    """The checkpointed parameters as numpy, restored in a fresh single process."""
-    code = (
-        "import sys, numpy as np, orbax.checkpoint as ocp, jax\n"
-        "path = sys.argv[1]\n"
-        "meta = ocp.StandardCheckpointer().metadata(path).item_metadata\n"
-        "args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)\n"
-        "tree = ocp.PyTreeCheckpointer().restore(path, restore_args=args)\n"
-        "flat = jax.tree_util.tree_flatten_with_path(tree['params'])[0]\n"
-        "np.savez(sys.argv[2], **{jax.tree_util.keystr(k): v for k, v in flat})\n"
-    )
-    out = workdir.parent / f"{workdir.name}_params.npz"
-    subprocess.run(
-        [sys.executable, "-c", code, str(workdir / "checkpoints" / "3" / "default"), str(out)],
-        env=_env(1),
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-    return dict(np.load(out))
+def _restore_params(workdir: Path) -> dict[str, np.ndarray]:
+    """The parameters of the run's last checkpoint, restored as numpy arrays in this process."""
+    import jax
+    import orbax.checkpoint as ocp
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process with 4 devices, started through launch/single_node.sh."""
-    workdir = tmp_path_factory.mktemp("one_process") / "run"
-    procs = Processes(workdir.parent)
-    try:
-        procs.start(
-            "single",
-            [str(LAUNCH / "single_node.sh"), "--config", CONFIG, *TINY, "--workdir", str(workdir)],
-            _env(4),
-        )
-        codes = procs.wait(RUN_TIMEOUT)
-    finally:
-        procs.kill()
-    assert codes == {"single": 0}, procs.logs()
-    assert "process 0 of 1" in procs.log("single")
-    return workdir
+    path = workdir / "checkpoints" / "3" / "default"
+    metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    tree = ocp.PyTreeCheckpointer().restore(path, restore_args=args)
+    leaves = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+    return {jax.tree_util.keystr(key): np.asarray(value) for key, value in leaves}
 
 
 # ----- end to end ---------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_four_devices(reference, processes, tmp_path):
-    workdir = tmp_path / "run"
+def test_two_processes_equal_one_process_with_four_devices(processes, tmp_path):
+    """2 processes x 2 devices == 1 process x 4 devices (launch/single_node.sh), run side by side."""
+    single, workdir = tmp_path / "single", tmp_path / "two"
+    processes.start(
+        "single",
+        [str(LAUNCH / "single_node.sh"), "--config", CONFIG, *TINY, "--workdir", str(single)],
+        _env(4),
+    )
     port = _free_port()
     for i in range(2):
         processes.start(
             f"process{i}", _main("--workdir", str(workdir), *_process_flags(port, i)), _env(2)
         )
-    assert processes.wait(RUN_TIMEOUT) == {"process0": 0, "process1": 0}, processes.logs()
+    codes = processes.wait(RUN_TIMEOUT)
+    assert codes == {"single": 0, "process0": 0, "process1": 0}, processes.logs()
+    assert "process 0 of 1" in processes.log("single")
     for i in range(2):
         log = processes.log(f"process{i}")
         assert f"process {i} of 2" in log and "4 devices in all" in log, log[-3000:]
-    _assert_same_metrics(_read_metrics(workdir), _read_metrics(reference))
+    _assert_same_metrics(_read_metrics(workdir), _read_metrics(single))
     _assert_single_writer(workdir)
-    _assert_single_writer(reference)
-    got, want = _restore_params(workdir), _restore_params(reference)
+    _assert_single_writer(single)
+    got, want = _restore_params(workdir), _restore_params(single)
     assert got.keys() == want.keys() and got
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
@@ -246,13 +226,16 @@ for ((i = 0; i < ntasks; i++)); do
   SLURM_NTASKS=$ntasks SLURM_STEP_NUM_TASKS=$ntasks \
   SLURM_STEP_NUM_NODES=$(((ntasks + per_node - 1) / per_node)) \
   SLURM_STEP_NODELIST="$SLURM_JOB_NODELIST" SLURM_STEP_ID=0 \
-    "$@" > "$FAKE_SLURM_DIR/task$i.log" 2>&1 &
+    "$@" > "$FAKE_SLURM_DIR/task$i.${SLURM_RESTART_COUNT:-0}.log" 2>&1 &
   pids+=($!)
 done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
 rc=0
 for pid in "${pids[@]}"; do
-  wait "$pid"; code=$?
+  while :; do  # a trapped signal interrupts `wait`: wait again while the task runs
+    wait "$pid"; code=$?
+    ((code > 128)) && kill -0 "$pid" 2>/dev/null || break
+  done
   ((code > rc)) && rc=$code
 done
 exit "$rc"
@@ -297,39 +280,73 @@ def test_slurm_script_parses():
         assert directive in text
 
 
+def _task_logs(tmp_path: Path, restart: int) -> list[str]:
+    return [
+        (tmp_path / f"task{i}.{restart}.log").read_text(errors="replace")
+        if (tmp_path / f"task{i}.{restart}.log").exists()
+        else ""
+        for i in range(2)
+    ]
+
+
 @pytest.mark.slow
-def test_slurm_script_runs_two_nodes(processes, tmp_path):
-    """One process per (fake) node: both join through SLURM's variables and train."""
+def test_slurm_job_is_preempted_requeued_and_resumes(processes, tmp_path):
+    """Two (fake) nodes, one process each, joined through SLURM's variables.
+
+    SIGTERM to the batch script (as on preemption) reaches both processes through srun; they
+    stop after the same epoch with a checkpoint (exit 75) and the script requeues the job.
+    The requeued job (SLURM_RESTART_COUNT=1) resumes from the workdir and finishes.
+    """
+    epochs = 150
     workdir = tmp_path / "run"
     env = _fake_slurm(tmp_path, nodes=2)
-    processes.start(
-        "sbatch",
-        [
-            "bash",
-            str(LAUNCH / "slurm.sbatch"),
-            "--config",
-            CONFIG,
-            *TINY,
-            "--workdir",
-            str(workdir),
-        ],
-        env,
-    )
+    script = ["bash", str(LAUNCH / "slurm.sbatch"), "--config", CONFIG, *TINY]
+    script += [
+        f"--config.train.epochs={epochs}",
+        "--config.eval.every_epochs=0",
+        "--config.checkpoint.every_epochs=0",
+        "--workdir",
+        str(workdir),
+    ]
+    job = processes.start("job", script, env)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while job.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text():
+            job.send_signal(signal.SIGTERM)  # the batch shell only, as SLURM's preemption
+            break
+        time.sleep(0.1)
     codes = processes.wait(RUN_TIMEOUT)
-    tasks = "\n".join(
-        f"--- task{i}:\n{(tmp_path / f'task{i}.log').read_text(errors='replace')[-3000:]}"
-        for i in range(2)
-        if (tmp_path / f"task{i}.log").exists()
-    )
-    assert codes == {"sbatch": 0}, processes.logs() + tasks
-    calls = (tmp_path / "slurm_calls.log").read_text()
-    assert "--nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=2" in calls
-    for i in range(2):
-        log = (tmp_path / f"task{i}.log").read_text(errors="replace")
-        # one process per node: all local devices, no JAX restriction to SLURM_LOCALID
+    logs = processes.logs() + "\n".join(_task_logs(tmp_path, 0))
+    assert codes == {"job": 75}, logs
+    calls = (tmp_path / "slurm_calls.log").read_text().splitlines()
+    assert calls == [
+        f"--nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=2 {sys.executable} "
+        f"-m gdreg.main {' '.join(script[2:])}",
+        "scontrol requeue 4242",
+    ]
+    for i, log in enumerate(_task_logs(tmp_path, 0)):
+        # one process per node: all its (2) devices, not only the one numbered SLURM_LOCALID
         assert f"process {i} of 2" in log and "4 devices in all" in log, log[-3000:]
-    assert [r["epoch"] for r in _read_metrics(workdir)] == [1, 2, 3]
-    _assert_single_writer(workdir)
+        assert "preempted: stopped after epoch" in log, log[-3000:]
+    stopped = len(_read_metrics(workdir))
+    assert 1 <= stopped < epochs
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(stopped)]
+
+    env["SLURM_RESTART_COUNT"] = "1"
+    processes.start("requeued", script, env)
+    codes = processes.wait(RUN_TIMEOUT)
+    logs = processes.logs() + "\n".join(_task_logs(tmp_path, 1))
+    assert codes == {"job": 75, "requeued": 0}, logs
+    for log in _task_logs(tmp_path, 1):
+        assert f"resuming from the checkpoint of epoch {stopped}" in log, log[-3000:]
+    assert [r["epoch"] for r in _read_metrics(workdir)] == list(range(1, epochs + 1))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [stopped, epochs]
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+    ]
 
 
 def test_slurm_script_requeues_after_checkpoint_stop(tmp_path):

@@ -329,6 +329,8 @@ def test_bad_update_arguments():
         hessian_vector_product(grad_fn, params, grads, method="exact")
     with pytest.raises(ValueError, match="eps"):
         hessian_vector_product(grad_fn, params, grads, eps=0.0)
+    with pytest.raises(ValueError, match="grad_fn"):  # output not shaped like the parameters
+        hessian_vector_product(lambda p: {"w": np.ones(3, np.float32)}, params, grads)
     # Unknown extra arguments (meant for other transformations of a chain) are ignored.
     tx = gradient_norm_penalty(method="jvp")
     out, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn, value=1.0, unrelated="x"))(
@@ -428,6 +430,35 @@ def test_chain_trains_nnx_model():
     assert grad_norm < plain_grad_norm
 
 
+def test_nnx_grad_output_is_matched_to_pure_parameters():
+    # nnx.grad returns Param variables, the nnx.Optimizer passes plain arrays: matched leafwise.
+    x, y = _regression_data()
+    model = _NnxRegressor(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.as_pure(params)
+
+    def loss(m):
+        return jnp.mean((m(x) - y) ** 2)
+
+    def wrapped_grad_fn(p):
+        return nnx.grad(loss)(nnx.merge(graphdef, p, rest))
+
+    def pure_grad_fn(p):
+        return jax.grad(lambda q: loss(nnx.merge(graphdef, q, rest)))(p)
+
+    @jax.jit
+    def both(p):
+        v = pure_grad_fn(p)
+        return [
+            hessian_vector_product(f, p, v, method="forward", grads=v)
+            for f in (wrapped_grad_fn, pure_grad_fn)
+        ]
+
+    wrapped, pure = both(params)
+    assert jax.tree.structure(wrapped) == jax.tree.structure(params)
+    _tree_allclose(wrapped, pure, rtol=1e-6)
+
+
 def test_vmap_over_blocks_equals_loop():
     xs, ys = _regression_data((4, 16, 4), seed=5)  # 4 blocks of 16 examples
     model = _Regressor()
@@ -456,7 +487,9 @@ def test_vmap_over_blocks_equals_loop():
 
 
 def test_shard_map_over_data():
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    # All devices that split the 64 examples evenly (the test session may fake 8 CPU devices).
+    n_devices = max(n for n in (8, 4, 2, 1) if n <= len(jax.devices()))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_devices]), ("data",))
     spec = jax.sharding.PartitionSpec
     x, y = _regression_data()
     model = _Regressor()
@@ -468,7 +501,10 @@ def test_shard_map_over_data():
 
     def sharded(p, s, xb, yb):
         def grad_fn(q):
-            return jax.lax.pmean(jax.grad(loss_fn)(q, xb, yb), "data")
+            # Differentiate the mean over devices: with shard_map's varying-axes checks the
+            # gradient for replicated parameters is already summed over devices, so a pmean
+            # taken after jax.grad would leave it n_devices times too large.
+            return jax.grad(lambda r: jax.lax.pmean(loss_fn(r, xb, yb), "data"))(q)
 
         return tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
 

@@ -248,8 +248,8 @@ def test_full_batch_shuffle_redraws_blocks_each_epoch():
 
 # REFERENCE.md: (mode, epochs, lr, warmup, cosine horizon, clip, strength, block, shuffle)
 PAPER_VALUES = {
-    "sgd": ("stochastic", 300, 0.1, 5, 295, 0.0, 0.0, None, False),
-    "fb_baseline": ("fullbatch", 300, 0.1, 5, 295, 0.0, 0.0, 128, False),
+    "sgd": ("stochastic", 300, 0.1, 5, 300, 0.0, 0.0, None, False),
+    "fb_baseline": ("fullbatch", 300, 0.1, 5, 300, 0.0, 0.0, 128, False),
     "longer": ("fullbatch", 3000, 0.4, 400, 4000, 0.0, 0.0, 128, False),
     "clipped": ("fullbatch", 3000, 0.4, 400, 4000, 0.25, 0.0, 128, False),
     "regularized": ("fullbatch", 3000, 0.8, 400, 4000, 0.25, 0.5, 128, False),

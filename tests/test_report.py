@@ -1,0 +1,195 @@
+"""python -m gdreg.report: the curves figure and the paper-style table of runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from gdreg import report, train
+from gdreg.config import apply_row, base_config
+
+
+def tiny_config(mode: str):
+    config = base_config()
+    config.model.name = "convnet1"
+    config.model.width = 4
+    config.data.name = "synthetic"
+    config.data.synthetic_shape = (8, 8, 3)
+    config.data.synthetic_train_size = 128
+    config.data.synthetic_test_size = 64
+    config.data.padding = 1
+    config.train.mode = mode
+    config.train.epochs = 3
+    config.train.block_size = 64
+    config.train.batch_size = 32
+    config.optim.lr = 0.05
+    config.optim.warmup_epochs = 1
+    config.optim.cosine_epochs = 3
+    config.penalty.strength = 0.0
+    config.eval.every_epochs = 2
+    config.checkpoint.every_epochs = 0
+    config.log.progress = False
+    config.row = "sgd" if mode == "stochastic" else ""
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    dirs = []
+    for mode in ("stochastic", "fullbatch"):
+        path = str(root / mode)
+        train.train_and_evaluate(tiny_config(mode), path)
+        dirs.append(path)
+    return dirs
+
+
+def parse_table(table: str) -> list[dict[str, str]]:
+    lines = [line.strip().strip("|") for line in table.strip().splitlines()]
+    header = [cell.strip() for cell in lines[0].split("|")]
+    return [
+        dict(zip(header, (c.strip() for c in line.split("|")), strict=True)) for line in lines[2:]
+    ]
+
+
+def test_constants_match_the_training_loop():
+    assert report.METRICS_FILE == train.METRICS_FILE
+    assert report.CONFIG_FILE == train.CONFIG_FILE
+
+
+def test_report_of_two_runs(runs, tmp_path, capsys):
+    out = str(tmp_path / "report")
+    assert report.main([*runs, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    picture = mpimg.imread(os.path.join(out, "curves.png"))
+    assert picture.shape[:2] == (750, 1000)  # 2 x 2 panels at a fixed size
+    assert picture.std() > 0.05  # something was drawn
+    with open(os.path.join(out, "report.md")) as handle:
+        markdown = handle.read()
+    assert "![training curves](curves.png)" in markdown
+
+    rows = parse_table(printed.split("wrote")[0])
+    assert [row["Row"] for row in rows] == ["Baseline SGD", "fullbatch"]  # title, dir name
+    sgd, fb = rows
+    assert sgd["Mini-batching"] == "yes" and fb["Mini-batching"] == "no"
+    assert sgd["Epochs"] == fb["Epochs"] == "3"
+    assert sgd["Steps"] == "12" and fb["Steps"] == "3"  # 128 // 32 steps per epoch
+    assert sgd["Modifications"] == "clip" and fb["Modifications"] == "clip+bs64"
+    for row, path in zip(rows, runs, strict=True):
+        final = train.read_metrics(path)[-1]
+        assert final["epoch"] == 3
+        assert row["Test accuracy (%)"] == f"{100 * final['test_accuracy']:.2f}"
+        assert row["Seeds"] == "1"
+        assert row["Test accuracy (%)"] in markdown
+
+
+def write_run(path, config, accuracies, epochs=None):
+    """A run directory with a config and metrics written directly (no training)."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as handle:
+        handle.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    epochs = epochs or len(accuracies)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as handle:
+        for epoch in range(1, epochs + 1):
+            record = {
+                "epoch": epoch,
+                "train_loss": 2.0 / epoch,
+                "train_accuracy": 0.5,
+                "grad_norm": 1.0 / epoch,
+                "lr": 0.1,
+                "images": 1024,
+                "clipped": 0.0,
+            }
+            if epoch <= len(accuracies):
+                record.update(test_loss=1.0, test_accuracy=accuracies[epoch - 1])
+            handle.write(json.dumps(record) + "\n")
+
+
+def paper_row(row, seed, **changes):
+    """The config of a paper row, 4 epochs; ``section__field=value`` changes one field."""
+    config = apply_row(base_config(), row)
+    config.train.epochs = 4
+    config.seed = seed
+    for dotted, value in changes.items():
+        section, field = dotted.split("__")
+        config[section][field] = value
+    return config
+
+
+def test_seeds_of_one_config_are_one_row_with_mean_and_std(tmp_path):
+    dirs = []
+    for seed, final in enumerate([0.90, 0.94, 0.95]):
+        dirs.append(str(tmp_path / f"strong_{seed}"))
+        write_run(dirs[-1], paper_row("strong", seed), [0.5, 0.6, 0.7, final])
+    # another machine's data_dir and log settings do not split the row
+    write_run(
+        str(tmp_path / "strong_3"),
+        paper_row("strong", 3, log__progress=False, checkpoint__every_epochs=7),
+        [0.1, 0.2, 0.3, 0.93],
+    )
+    dirs.append(str(tmp_path / "strong_3"))
+    # a different config with the same row name is its own row, named apart
+    dirs.append(str(tmp_path / "strong_lr"))
+    write_run(dirs[-1], paper_row("strong", 0, optim__lr=0.4), [0.2, 0.4, 0.6, 0.8])
+    dirs.append(str(tmp_path / "practice"))
+    write_run(dirs[-1], paper_row("practice", 0), [0.2, 0.4, 0.6, 0.85])
+
+    result = report.write_report(dirs, str(tmp_path / "out"))
+    groups = result["groups"]
+    assert [len(g.runs) for g in groups] == [4, 1, 1]
+    finals = [0.90, 0.94, 0.95, 0.93]
+    assert groups[0].mean == pytest.approx(np.mean(finals))
+    assert groups[0].std == pytest.approx(np.std(finals, ddof=1))
+    rows = parse_table(result["table"])
+    assert rows[0]["Row"] == "FB strong reg. (strong_0)"
+    assert rows[1]["Row"] == "FB strong reg. (strong_lr)"
+    assert rows[2]["Row"] == "FB in practice"
+    assert rows[0]["Seeds"] == "4"
+    mean, std = 100 * np.mean(finals), 100 * np.std(finals, ddof=1)
+    assert rows[0]["Test accuracy (%)"] == f"{mean:.2f} ± {std:.2f}"
+    assert rows[1]["Test accuracy (%)"] == "80.00"
+    assert rows[0]["Modifications"] == "clip+reg+bs32"
+    assert rows[2]["Modifications"] == "clip+reg+bs32+shuffle"
+    assert rows[0]["Mini-batching"] == "no"
+    picture = mpimg.imread(result["figure"])
+    assert picture.shape[:2] == (750, 1000)
+
+
+def test_unfinished_runs_and_modification_names(tmp_path):
+    config = paper_row("sgd_noaug", 0)
+    write_run(str(tmp_path / "a"), config, [0.3], epochs=2)  # evaluated at epoch 1 only
+    fixed = paper_row("fb_copies", 0)
+    write_run(str(tmp_path / "b"), fixed, [0.4, 0.5, 0.6, 0.7])
+    rows = parse_table(report.write_report([str(tmp_path / "a"), str(tmp_path / "b")])["table"])
+    assert rows[0]["Epochs"] == "2/4"
+    assert rows[0]["Steps"] == "16"  # 1024 images // batch 128, 2 epochs
+    assert rows[0]["Modifications"] == "noaug"
+    assert rows[0]["Test accuracy (%)"] == "30.00"  # the last evaluation
+    assert rows[1]["Modifications"] == "fixedx10"
+    assert os.path.isfile(tmp_path / "report.md")  # default --out: the common parent
+
+
+def test_clear_one_line_errors(tmp_path, capsys):
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing'}: no such directory"
+
+    write_run(str(tmp_path / "runs" / "a"), paper_row("sgd", 0), [0.5])
+    assert report.main([str(tmp_path / "runs")]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1
+    assert "no metrics.jsonl" in message and "subdirectories a are runs" in message
+
+    os.makedirs(tmp_path / "empty")
+    open(tmp_path / "empty" / "metrics.jsonl", "w").close()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert "no epochs recorded" in capsys.readouterr().err
+
+    os.makedirs(tmp_path / "noconfig")
+    with open(tmp_path / "noconfig" / "metrics.jsonl", "w") as handle:
+        handle.write('{"epoch": 1}\n')
+    assert report.main([str(tmp_path / "noconfig")]) == 2
+    assert "no config.json" in capsys.readouterr().err
