@@ -266,15 +266,19 @@ def _allgather(array: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array))
 
 
-def check_same_config(config) -> None:
+def check_same_config(config, workdir: str | None = None) -> None:
     """Fails fast, on every process, when the processes were started with different configs.
 
-    Raises :class:`ConfigMismatchError` naming the processes and the first fields that differ
-    from process 0's config.
+    ``workdir`` (the ``--workdir`` flag as given) is compared too. Raises
+    :class:`ConfigMismatchError` naming the processes and the first fields that differ from
+    process 0's.
     """
     if jax.process_count() == 1:
         return
-    text = config.to_json_best_effort(sort_keys=True)
+    fields = json.loads(config.to_json_best_effort(sort_keys=True))
+    if workdir is not None:
+        fields["--workdir"] = workdir
+    text = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(text.encode()).digest()
     mine = np.frombuffer(digest[:8], dtype=np.int64)
     every = _allgather(mine).reshape(-1)
@@ -294,5 +298,5 @@ def check_same_config(config) -> None:
     raise ConfigMismatchError(
         f"process{'es' if len(differing) > 1 else ''} {names} got a config different from "
         f"process 0's (process 0 vs {first}: {_differences(reference, other)}); every "
-        "process must get the same --config and overrides"
+        "process must get the same --config, overrides and --workdir"
     )

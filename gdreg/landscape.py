@@ -210,8 +210,10 @@ def compute_landscape(
     """Loads the run in ``workdir`` and evaluates the loss on the grid; returns the results."""
     if directions not in (1, 2):
         raise LandscapeError(f"--directions must be 1 or 2, got {directions}")
-    if points < 1:
-        raise LandscapeError(f"--points must be at least 1, got {points}")
+    if points < directions:
+        raise LandscapeError(
+            f"--points must be at least {directions} for {directions} direction(s), got {points}"
+        )
     if not span > 0:
         raise LandscapeError(f"--span must be positive, got {span}")
     config = load_config(workdir)
@@ -357,8 +359,6 @@ def plot_landscape(result: dict[str, Any], path: str) -> None:
         axis.grid(True, alpha=0.3)
     else:
         beta = np.asarray(result["beta"])
-        if alpha.size < 2:
-            raise LandscapeError("a 2D landscape needs --points 2 or more to draw contours")
         # loss[i][j] is at (alpha[i], beta[j]): alpha on the x axis
         xs, ys = np.meshgrid(alpha, beta, indexing="ij")
         if positive and loss.max() > loss.min():

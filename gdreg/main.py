@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
             process_id=FLAGS.process_id,
             timeout_seconds=FLAGS.initialization_timeout,
         )
-        distributed.check_same_config(FLAGS.config)
+        distributed.check_same_config(FLAGS.config, FLAGS.workdir)
     except distributed.StartupError as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2

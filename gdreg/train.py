@@ -32,6 +32,8 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gdreg import data as data_lib
 from gdreg.evaluate import Evaluator, flip_averaged
@@ -432,12 +434,24 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     )
 
 
-def restore_latest(manager: ocp.CheckpointManager, template: dict) -> dict | None:
-    """The newest checkpoint's state, shaped like ``template``, or None if there is none."""
+def restore_latest(
+    manager: ocp.CheckpointManager, template: dict, mesh: Mesh | None = None
+) -> dict | None:
+    """The newest checkpoint's state, shaped like ``template``, or None if there is none.
+
+    The state is restored replicated over ``mesh``, whatever the devices and processes that
+    wrote it, so a run can resume on another number of GPUs or nodes.
+    """
     latest = manager.latest_step()
     if latest is None:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    replicated = NamedSharding(data_mesh() if mesh is None else mesh, P())
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(
+            np.shape(leaf), np.asarray(leaf).dtype, sharding=replicated
+        ),
+        template,
+    )
     return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
 
 
@@ -526,7 +540,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     manager = checkpoint_manager(workdir, config.checkpoint.keep)
     host_state = initial_state(run)
-    restored = restore_latest(manager, host_state)
+    restored = restore_latest(manager, host_state, run.mesh)
     if restored is not None:
         host_state = restored
         logging.info("resuming from the checkpoint of epoch %d", int(host_state["epoch"]))

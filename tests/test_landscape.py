@@ -110,9 +110,11 @@ def test_distance_zero_is_the_checkpoint_training_loss(workdir, tmp_path):
     assert record["epoch"] == 3
     assert center == pytest.approx(record["train_loss"], rel=1e-5)
 
+    # In the same test, so that under pytest-xdist one worker trains the run, not two.
+    check_two_directions_write_json_csv_and_contour_plot(workdir, str(tmp_path / "out"))
 
-def test_two_directions_write_json_csv_and_contour_plot(workdir, tmp_path):
-    out = str(tmp_path / "out")
+
+def check_two_directions_write_json_csv_and_contour_plot(workdir, out):
     assert (
         landscape.main(
             ["--workdir", workdir, "--directions", "2", "--points", "3", "--out", out, "--test"]
@@ -154,3 +156,5 @@ def test_clear_errors(tmp_path, capsys):
     assert landscape.main(["--workdir", str(tmp_path)]) == 2
     assert "no checkpoints/" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing created on the way
+    assert landscape.main(["--workdir", str(tmp_path), "--directions", "2", "--points", "1"]) == 2
+    assert "--points must be at least 2" in capsys.readouterr().err

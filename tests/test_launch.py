@@ -77,7 +77,7 @@ class Processes:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed below; the child keeps its copy)
         proc = subprocess.Popen(
             args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
