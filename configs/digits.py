@@ -10,7 +10,8 @@ layers with 2x2 max-pooling, two linear layers, no BatchNorm) at width 16, 14k p
 
 Variants (default: ``fb_clip_reg``), scaled down from the paper's rows:
 
-    sgd           Baseline SGD: batches of 32 (44 steps per epoch), 20 epochs, lr 0.05
+    sgd           Baseline SGD: batches of 32 (44 steps per epoch), 20 epochs, lr 0.05,
+                  warmup 2, cosine-20
     fb            FB: full batch in blocks of 128, 150 steps, lr 0.2, warmup 15, cosine-200
     fb_clip       FB clipped: + gradient clipping at 0.25
     fb_clip_reg   FB regularized: + gradient-norm penalty (strength 0.5), lr 0.4
@@ -49,7 +50,7 @@ def get_config(variant: str = "fb_clip_reg"):
         config.train.epochs = 20
         config.optim.lr = 0.05
         config.optim.warmup_epochs = 2
-        config.optim.cosine_epochs = 18  # reaches 0 at the last epoch
+        config.optim.cosine_epochs = 20  # over the whole run, as the paper's SGD baseline
         config.optim.clip_norm = 0.0
         config.penalty.strength = 0.0
         config.eval.every_epochs = 2

@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.block_size = 128  # full batch: images per block (regularizer and BatchNorm)
     config.train.batch_size = 128  # stochastic: minibatch size
     config.train.shuffle_blocks = False  # full batch: redraw the block assignment every step
-    config.train.blocks_per_microbatch = 0  # 0: backend default (1 on CPU, 8 on GPU)
+    config.train.blocks_per_microbatch = 0  # 0: backend default (1 on CPU, 4 on GPU)
     config.train.microbatch_loop = ""  # python | scan; "": backend default
     config.train.block_loop = ""  # unroll | vmap; "": backend default
 

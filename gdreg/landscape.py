@@ -22,8 +22,8 @@ training mode (BatchNorm on each block's statistics), computed by the same shard
 the augmentation draws of the epoch that follows the checkpoint (``train.epoch_layouts``;
 for stochastic runs the epoch's minibatches are the blocks). Only the forward pass runs:
 the loss is wrapped in ``stop_gradient``, so the engine's backward pass is empty. At
-distance 0 the value is exactly the training loss that the next epoch would log. With
-``--test`` the test loss and accuracy (evaluation mode) are computed at every point too.
+distance 0 the value is the ``train_loss`` that the next epoch logs (up to float rounding).
+With ``--test`` the test loss and accuracy (evaluation mode) are computed at every point too.
 
 Writes ``landscape.json`` (grid, values and settings), ``landscape.csv`` (one row per
 point) and ``landscape.png`` (loss and accuracy along the line for 1D; loss contours for
@@ -98,12 +98,12 @@ def load_checkpoint(run: train.Run, workdir: str) -> dict[str, PyTree]:
         raise LandscapeError(f"{workdir}: no {train.CHECKPOINT_DIR}/ directory, nothing to load")
     manager = train.checkpoint_manager(workdir, run.config.checkpoint.keep)
     try:
-        state = train.restore_latest(manager, train.initial_state(run))
+        state = train.restore_latest(manager, train.initial_state(run), run.mesh)
     finally:
         manager.close()
     if state is None:
         raise LandscapeError(f"{workdir}: {train.CHECKPOINT_DIR}/ holds no checkpoint")
-    return jax.tree.map(np.asarray, state)
+    return fetch_replicated(state)
 
 
 # ----- directions -----------------------------------------------------------------------------
@@ -361,13 +361,18 @@ def plot_landscape(result: dict[str, Any], path: str) -> None:
         beta = np.asarray(result["beta"])
         # loss[i][j] is at (alpha[i], beta[j]): alpha on the x axis
         xs, ys = np.meshgrid(alpha, beta, indexing="ij")
-        if positive and loss.max() > loss.min():
+        log_scale = positive and loss.max() > loss.min()
+        if log_scale:
             levels = np.geomspace(loss.min(), loss.max(), 25)
             filled = axis.contourf(xs, ys, loss, levels=levels, norm=LogNorm(), cmap="viridis")
             axis.contour(xs, ys, loss, levels=levels[::3], colors="white", linewidths=0.6)
         else:
             filled = axis.contourf(xs, ys, loss, levels=25, cmap="viridis")
-        figure.colorbar(filled, ax=axis, label="training loss")
+        colorbar = figure.colorbar(filled, ax=axis, label="training loss (log scale)")
+        if log_scale:
+            ticks = _log_ticks(loss.min(), loss.max())
+            colorbar.set_ticks(ticks, labels=[f"{tick:g}" for tick in ticks])
+            colorbar.minorticks_off()
         axis.plot([0], [0], marker="*", color="red", markersize=12, linestyle="none")
         axis.set_xlabel("direction 1")
         axis.set_ylabel("direction 2")
@@ -375,6 +380,16 @@ def plot_landscape(result: dict[str, Any], path: str) -> None:
     axis.set_title(title, fontsize="medium")
     figure.tight_layout(rect=(0, 0.06 if result["directions"] == 1 else 0, 1, 1))
     figure.savefig(path, dpi=FIGURE_DPI)
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """1-2-5 ticks per decade between ``low`` and ``high`` (both > 0)."""
+    ticks = [
+        mantissa * 10.0**exponent
+        for exponent in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+        for mantissa in (1, 2, 5)
+    ]
+    return [tick for tick in ticks if low <= tick <= high]
 
 
 # ----- the program ----------------------------------------------------------------------------

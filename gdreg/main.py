@@ -37,6 +37,9 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
+    # Libraries that log through absl (orbax: dozens of lines per checkpoint) speak only up
+    # from warnings; gdreg's own messages go through the root logger.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     from gdreg import distributed
 
     try:

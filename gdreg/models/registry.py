@@ -11,6 +11,7 @@ Names are case-insensitive (``create_model("ResNet18", ...)`` works).
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -82,11 +83,20 @@ def create_model(
     key = _normalize(name) if isinstance(name, str) else None
     if key not in _REGISTRY:
         raise ValueError(f"model.name: unknown model {name!r}; known models: {model_names()}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+    if not _is_positive_int(num_classes):
         raise ValueError(f"model.num_classes must be a positive integer, got {num_classes!r}")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width <= 0):
+    if width is not None and not _is_positive_int(width):
         raise ValueError(f"model.width must be a positive integer or None, got {width!r}")
-    return _REGISTRY[key](num_classes=num_classes, width=width, dtype=_check_dtype(dtype))
+    return _REGISTRY[key](
+        num_classes=int(num_classes),
+        width=None if width is None else int(width),
+        dtype=_check_dtype(dtype),
+    )
+
+
+def _is_positive_int(value: Any) -> bool:
+    """True for Python / numpy integers > 0 (not bools, not floats)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 def _register_builtins() -> None:
