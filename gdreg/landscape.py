@@ -48,6 +48,7 @@ import numpy as np
 from gdreg import train
 from gdreg.config import ROW_TITLES, base_config
 from gdreg.fullbatch import FullBatchGradient, fetch_replicated, replicate
+from gdreg.progress import ProgressBar
 
 PyTree = Any
 OUTPUT_NAME = "landscape"
@@ -171,32 +172,6 @@ def landscape_layout(run: train.Run, epoch: int) -> np.ndarray:
     return layouts[0] if len(layouts) == 1 else np.concatenate(layouts, axis=0)
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr (a line every 5% when stderr is not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total = total
-        self.enabled = enabled
-        self.began = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.every = max(1, total // 20)
-
-    def update(self, done: int, loss: float) -> None:
-        if not self.enabled or not (self.tty or done % self.every == 0 or done == self.total):
-            return
-        elapsed = time.perf_counter() - self.began
-        left = elapsed / max(done, 1) * (self.total - done)
-        width = 24
-        filled = int(width * done / self.total)
-        text = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} points "
-            f"loss {loss:.4f} {elapsed:.0f}s elapsed, {left:.0f}s left"
-        )
-        end = "\n" if not self.tty or done == self.total else ""
-        sys.stderr.write(("\r" if self.tty else "") + text + end)
-        sys.stderr.flush()
-
-
 def compute_landscape(
     workdir: str,
     *,
@@ -259,7 +234,7 @@ def compute_landscape(
     values = []
     for done, coefficients in enumerate(grid, 1):
         values.append(evaluate(coefficients))
-        bar.update(done, values[-1]["loss"])
+        bar.update(done, f"points loss {values[-1]['loss']:.4f}")
     seconds = time.perf_counter() - began
 
     shape = (points,) * directions

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,7 @@ from gdreg.fullbatch import (
 from gdreg.models import create_model
 from gdreg.optim import learning_rate_schedule, sgd_chain
 from gdreg.penalty import gradient_norm_penalty
+from gdreg.progress import ProgressBar
 
 PyTree = Any
 MODES = ("fullbatch", "stochastic")
@@ -487,41 +487,14 @@ class _StopRequest:
         return bool(np.any(flags))
 
 
-class Progress:
-    """A one-line console progress bar with throughput and time left (process 0 only)."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.total, self.start = total, start
-        self.enabled = enabled and jax.process_index() == 0
-        self.began = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, epoch: int, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        done = epoch - self.start
-        elapsed = time.perf_counter() - self.began
-        left = elapsed / max(done, 1) * (self.total - epoch)
-        width = 24
-        filled = int(width * epoch / self.total)
-        text = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {epoch}/{self.total} "
-            f"loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f} "
-            f"|g| {record['grad_norm']:.3f} lr {record['lr']:.4f} "
-            f"{record['seconds']:.2f}s/epoch left {_duration(left)}"
-        )
-        if "test_accuracy" in record:
-            text += f" test {record['test_accuracy']:.4f}"
-        if self.tty:
-            sys.stderr.write("\r" + text + ("\n" if epoch == self.total else ""))
-        else:
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def _progress_text(record: dict[str, Any]) -> str:
+    text = (
+        f"loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f} "
+        f"|g| {record['grad_norm']:.3f} lr {record['lr']:.4f} {record['seconds']:.2f}s/epoch"
+    )
+    if "test_accuracy" in record:
+        text += f" test {record['test_accuracy']:.4f}"
+    return text
 
 
 # ----- the program ------------------------------------------------------------------------
@@ -547,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = replicate(host_state, run.mesh)
     start_epoch = int(host_state["epoch"])
     metrics_writer = MetricsWriter(workdir, start_epoch)
-    progress = Progress(config.train.epochs, start_epoch, config.log.progress)
+    progress = ProgressBar(config.train.epochs, start=start_epoch, enabled=config.log.progress)
     apply_update = _make_apply_update(run.tx)
     logging.info(
         "%s training of %s on %s: %d training images (%d virtual), %d devices in %d processes",
@@ -580,7 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if done == config.train.epochs or (every and done % every == 0):
                     record.update(evaluate(state["params"], state["model_state"]))
                 metrics_writer.write(record)
-                progress.update(done, record)
+                progress.update(done, _progress_text(record))
                 every = config.checkpoint.every_epochs
                 if done == config.train.epochs or (every and done % every == 0):
                     save(state)

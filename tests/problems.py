@@ -53,3 +53,22 @@ def batch_fn(data, indices, step):
     del step
     images, labels = data
     return images[indices], labels[indices]
+
+
+def tiny_run_config():
+    """A training config that runs in about a second per epoch: small CNN, 8x8 synthetic data.
+
+    Callers set the mode, epochs, blocks and schedule they test.
+    """
+    from gdreg.config import base_config
+
+    config = base_config()
+    config.model.name = "convnet1"
+    config.model.width = 4
+    config.data.name = "synthetic"
+    config.data.synthetic_shape = (8, 8, 3)
+    config.data.synthetic_train_size = 128
+    config.data.synthetic_test_size = 64
+    config.data.padding = 1
+    config.log.progress = False
+    return config

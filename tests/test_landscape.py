@@ -10,24 +10,17 @@ import shutil
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
+from problems import tiny_run_config
 
 from gdreg import landscape, train
-from gdreg.config import base_config
 from gdreg.fullbatch import fetch_replicated, replicate
 
 
 def tiny_config(epochs: int = 2):
     """Full batch with every feature that changes the loss evaluation: penalty, clipping,
     random augmentation and blocks redrawn every step."""
-    config = base_config()
+    config = tiny_run_config()
     config.row = "practice"
-    config.model.name = "convnet1"
-    config.model.width = 4
-    config.data.name = "synthetic"
-    config.data.synthetic_shape = (8, 8, 3)
-    config.data.synthetic_train_size = 128
-    config.data.synthetic_test_size = 64
-    config.data.padding = 1
     config.train.epochs = epochs
     config.train.block_size = 32
     config.train.shuffle_blocks = True
@@ -36,7 +29,6 @@ def tiny_config(epochs: int = 2):
     config.optim.cosine_epochs = 4
     config.eval.every_epochs = 0
     config.checkpoint.every_epochs = 0
-    config.log.progress = False
     return config
 
 

@@ -8,20 +8,14 @@ import os
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
+from problems import tiny_run_config
 
 from gdreg import report, train
 from gdreg.config import apply_row, base_config
 
 
 def tiny_config(mode: str):
-    config = base_config()
-    config.model.name = "convnet1"
-    config.model.width = 4
-    config.data.name = "synthetic"
-    config.data.synthetic_shape = (8, 8, 3)
-    config.data.synthetic_train_size = 128
-    config.data.synthetic_test_size = 64
-    config.data.padding = 1
+    config = tiny_run_config()
     config.train.mode = mode
     config.train.epochs = 3
     config.train.block_size = 64
@@ -32,7 +26,6 @@ def tiny_config(mode: str):
     config.penalty.strength = 0.0
     config.eval.every_epochs = 2
     config.checkpoint.every_epochs = 0
-    config.log.progress = False
     config.row = "sgd" if mode == "stochastic" else ""
     return config
 

@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from problems import tiny_run_config
 
 from gdreg import train
-from gdreg.config import base_config, paper_config
+from gdreg.config import paper_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,14 +25,8 @@ TIMING_FIELDS = ("seconds", "images_per_second")
 
 def tiny_config(**overrides):
     """A config that trains in about a second per epoch: small CNN, 8x8 synthetic images."""
-    config = base_config()
+    config = tiny_run_config()
     config.model.name = "convnet2"
-    config.model.width = 4
-    config.data.name = "synthetic"
-    config.data.synthetic_shape = (8, 8, 3)
-    config.data.synthetic_train_size = 128
-    config.data.synthetic_test_size = 64
-    config.data.padding = 1
     config.train.epochs = 4
     config.train.block_size = 32
     config.optim.lr = 0.2
@@ -41,7 +36,6 @@ def tiny_config(**overrides):
     config.eval.batch_size = 32
     config.checkpoint.every_epochs = 2
     config.checkpoint.keep = 5
-    config.log.progress = False
     for dotted, value in overrides.items():
         section, field = dotted.split("__")
         config[section][field] = value
