@@ -23,11 +23,10 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 from gdreg import train
 from gdreg.config import base_config
-from gdreg.fullbatch import fetch_replicated, replicate
+from gdreg.fullbatch import replicate
 
 # Peak dense rates (FLOP/s) per device kind and compute dtype, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -64,60 +63,32 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def step_flops(run: train.Run, state: dict, layout: np.ndarray) -> float | None:
-    """XLA's FLOP count for one step: per-microbatch cost times the number of microbatches."""
-    engine = run.engine
-    indices, weights = engine.padded_layout(layout)
-    from gdreg.fullbatch import shard_rows
-
-    args = (
-        engine._zero_carry(state["params"], state["model_state"]),
-        state["params"],
-        state["model_state"],
-        state["penalty_state"] if run.penalty else None,
-        run.train_data,
-        shard_rows(indices, run.mesh),
-        shard_rows(weights, run.mesh),
-        np.int32(0),
-        np.int32(0),
-    )
-    try:
-        cost = engine._microbatch.lower(*args).compile().cost_analysis()
-    except Exception:  # cost analysis is best effort on some backends
-        return None
-    cost = cost[0] if isinstance(cost, list) else cost
-    if not cost or "flops" not in cost:
-        return None
-    microbatches = indices.shape[0] // engine.blocks_per_microbatch  # all devices together
-    return float(cost["flops"]) * microbatches
-
-
 def bench_one(args: argparse.Namespace, images: int) -> dict:
     config = bench_config(args, images)
     run = train.build(config)
     state = replicate(train.initial_state(run), run.mesh)
-    apply_update = train._make_apply_update(run.tx)
-
-    def step(state):
-        new_state, record = train.run_epoch(run, state, apply_update)
-        return new_state, record
+    apply_update = train.make_apply_update(run.tx)
 
     start = time.perf_counter()
-    state, _ = step(state)
+    state, _ = train.run_epoch(run, state, apply_update)
     compile_seconds = time.perf_counter() - start
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        state, _ = step(state)
+        state, _ = train.run_epoch(run, state, apply_update)
         jax.block_until_ready(state["params"])
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     layout = train.epoch_layouts(run, 0)[0]
     used = layout.size
-    flops = step_flops(run, state, layout) if args.flops else None
+    flops = None
+    if args.flops:
+        penalty_state = state["penalty_state"] if run.penalty else None
+        flops = run.engine.step_flops(
+            state["params"], state["model_state"], penalty_state, run.train_data, layout
+        )
     kind = jax.devices()[0].device_kind
     peak = PEAK_FLOPS.get(kind, {}).get(args.dtype)
-    fetch_replicated(state["epoch"])
     return {
         "model": args.model,
         "width": args.width,

@@ -343,6 +343,46 @@ class FullBatchGradient:
         }
         return jax.tree.map(zeros, template)
 
+    def _arguments(self, params, model_state, penalty_state, data, block_indices, step):
+        """The zero carry, the arguments of a microbatch call, and the microbatches per device."""
+        indices, weights = self.padded_layout(block_indices)
+        num_microbatches = indices.shape[0] // (self.num_devices * self.blocks_per_microbatch)
+        args = (
+            params,
+            model_state,
+            penalty_state,
+            data,
+            shard_rows(indices, self.mesh),
+            shard_rows(weights, self.mesh),
+            jnp.asarray(step, jnp.int32),
+        )
+        return self._zero_carry(params, model_state), args, num_microbatches
+
+    def step_flops(
+        self,
+        params: PyTree,
+        model_state: PyTree,
+        penalty_state: PyTree,
+        data: PyTree,
+        block_indices: np.ndarray,
+    ) -> float | None:
+        """XLA's FLOP count of one full evaluation over ``block_indices``, all devices together.
+
+        The cost analysis of one compiled microbatch call (one device's share) times the number
+        of calls times the devices; None where the backend reports no FLOP count.
+        """
+        carry, args, num_microbatches = self._arguments(
+            params, model_state, penalty_state, data, block_indices, 0
+        )
+        try:
+            cost = self._microbatch.lower(carry, *args, jnp.int32(0)).compile().cost_analysis()
+        except Exception:  # cost analysis is best effort and missing on some backends
+            return None
+        cost = cost[0] if isinstance(cost, list) else cost
+        if not cost or "flops" not in cost:
+            return None
+        return float(cost["flops"]) * num_microbatches * self.num_devices
+
     def __call__(
         self,
         params: PyTree,
@@ -358,14 +398,10 @@ class FullBatchGradient:
         on the mesh (see :func:`replicate`); ``block_indices`` is a host array, identical on
         every process. ``step`` is handed to ``batch_fn`` (augmentation draws).
         """
-        indices, weights = self.padded_layout(block_indices)
-        indices = shard_rows(indices, self.mesh)
-        weights = shard_rows(weights, self.mesh)
-        step = jnp.asarray(step, jnp.int32)
-        carry = self._zero_carry(params, model_state)
-        num_microbatches = indices.shape[0] // (self.num_devices * self.blocks_per_microbatch)
+        carry, args, num_microbatches = self._arguments(
+            params, model_state, penalty_state, data, block_indices, step
+        )
         new_penalty_state = penalty_state
-        args = (params, model_state, penalty_state, data, indices, weights, step)
         if self.microbatch_loop == "scan":
             carry, new_penalty_state = self._all_microbatches(carry, *args, jnp.int32(0))
         else:

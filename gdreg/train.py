@@ -325,7 +325,9 @@ def epoch_layouts(run: Run, epoch: int) -> list[np.ndarray]:
     return [order[i * size : (i + 1) * size][None] for i in range(run.steps_per_epoch)]
 
 
-def _make_apply_update(tx: optax.GradientTransformation):
+def make_apply_update(tx: optax.GradientTransformation):
+    """The jitted optimizer step: (params, opt_state, grads) -> (new params, new opt_state)."""
+
     @jax.jit
     def apply_update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -521,7 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_epoch = int(host_state["epoch"])
     metrics_writer = MetricsWriter(workdir, start_epoch)
     progress = ProgressBar(config.train.epochs, start=start_epoch, enabled=config.log.progress)
-    apply_update = _make_apply_update(run.tx)
+    apply_update = make_apply_update(run.tx)
     logging.info(
         "%s training of %s on %s: %d training images (%d virtual), %d devices in %d processes",
         config.train.mode,

@@ -234,3 +234,21 @@ def test_two_processes_equal_one_process_with_four_devices(setup, tmp_path):
         np.testing.assert_allclose(got["grads"], expected["grads"], rtol=2e-5, atol=1e-6)
         for key in ("loss", "accuracy", "block_grad_sq_norm", "grad_norm"):
             np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=key)
+
+
+def test_step_flops_counts_every_block_once_on_any_device_count(setup):
+    params, model_state, layout = setup
+    counts = {}
+    for devices, blocks in ((1, 4), (1, 8), (2, 8)):
+        mesh = data_mesh(jax.devices()[:devices])
+        engine = FullBatchGradient(problems.loss_fn, problems.batch_fn, mesh=mesh)
+        counts[devices, blocks] = engine.step_flops(
+            replicate(params, mesh),
+            replicate(model_state, mesh),
+            None,
+            replicate(problems.dataset(), mesh),
+            layout[:blocks],
+        )
+    assert counts[1, 4] > 0
+    assert counts[1, 8] == pytest.approx(2 * counts[1, 4])
+    assert counts[2, 8] == pytest.approx(counts[1, 8])
