@@ -24,7 +24,7 @@ import time
 
 import jax
 
-from gdreg import train
+from gdreg import distributed, train
 from gdreg.config import base_config
 from gdreg.fullbatch import replicate
 
@@ -49,6 +49,7 @@ def bench_config(args: argparse.Namespace, images: int):
     config.train.blocks_per_microbatch = args.blocks_per_microbatch
     config.train.microbatch_loop = args.microbatch_loop
     config.train.block_loop = args.block_loop
+    config.train.cpu_devices = args.cpu_devices
     config.penalty.method = args.method
     config.penalty.strength = args.strength
     config.log.progress = False
@@ -102,7 +103,7 @@ def bench_one(args: argparse.Namespace, images: int) -> dict:
         "seconds_per_step": round(seconds, 4),
         "images_per_second": round(used / seconds, 1),
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "tflop_per_step": round(flops / 1e12, 4) if flops else "n/a",
+        "tflop_per_step": f"{flops / 1e12:.4g}" if flops else "n/a",
         "flop_fraction": round(flops / seconds / peak, 4) if flops and peak else "n/a",
     }
 
@@ -120,8 +121,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--blocks-per-microbatch", type=int, default=0, help="0: default")
     parser.add_argument("--microbatch-loop", default="", choices=("", "python", "scan"))
     parser.add_argument("--block-loop", default="", choices=("", "unroll", "vmap"))
+    parser.add_argument(
+        "--cpu-devices", type=int, default=0, help="CPU: devices per host; 0: one per core"
+    )
     parser.add_argument("--no-flops", dest="flops", action="store_false")
     args = parser.parse_args(argv)
+    distributed.configure_cpu_devices(distributed.cpu_devices_for(args.cpu_devices, fullbatch=True))
     results = []
     for images in (int(size) for size in args.images.split(",")):
         result = bench_one(args, images)

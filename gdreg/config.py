@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.blocks_per_microbatch = 0  # 0: backend default (1 on CPU, 4 on GPU)
     config.train.microbatch_loop = ""  # python | scan; "": backend default
     config.train.block_loop = ""  # unroll | vmap; "": backend default
+    config.train.cpu_devices = 0  # CPU backend: devices to split the host into; 0: auto
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 0.8

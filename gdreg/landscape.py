@@ -45,7 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gdreg import train
+from gdreg import distributed, train
 from gdreg.config import ROW_TITLES, base_config
 from gdreg.fullbatch import FullBatchGradient, fetch_replicated, replicate
 from gdreg.progress import ProgressBar
@@ -385,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output directory (default: --workdir)")
     args = parser.parse_args(argv)
     try:
+        requested = load_config(args.workdir).train.cpu_devices
+        # A scan evaluates the whole training set block by block, also for a stochastic run.
+        distributed.configure_cpu_devices(distributed.cpu_devices_for(requested, fullbatch=True))
         result = compute_landscape(
             args.workdir,
             directions=args.directions,

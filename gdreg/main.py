@@ -42,6 +42,13 @@ def main(argv: list[str]) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     from gdreg import distributed
 
+    train_config = FLAGS.config.get("train", {})
+    distributed.configure_cpu_devices(
+        distributed.cpu_devices_for(
+            train_config.get("cpu_devices", 0),
+            fullbatch=train_config.get("mode", "fullbatch") == "fullbatch",
+        )
+    )
     try:
         distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,

@@ -84,6 +84,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (config.checkpoint.every_epochs >= 0, "checkpoint.every_epochs", "must be >= 0"),
         (config.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1"),
         (config.train.blocks_per_microbatch >= 0, "train.blocks_per_microbatch", "must be >= 0"),
+        (config.train.cpu_devices >= 0, "train.cpu_devices", "must be >= 0"),
     ]
     for ok, field, message in checks:
         if not ok:
