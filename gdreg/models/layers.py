@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gdreg.models.conv import conv_general_dilated as chunked_filter_grad_conv
+
 Dtype = Any
 
 PARAM_DTYPE = jnp.float32
@@ -52,7 +54,10 @@ def conv(
     bias_init: nn.initializers.Initializer = nn.initializers.zeros,
     name: str | None = None,
 ) -> nn.Conv:
-    """A square convolution with PyTorch-style padding ``kernel // 2`` on every side."""
+    """A square convolution with PyTorch-style padding ``kernel // 2`` on every side.
+
+    Its filter gradient is summed over batch chunks on CPU (:mod:`gdreg.models.conv`).
+    """
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -64,6 +69,7 @@ def conv(
         param_dtype=PARAM_DTYPE,
         kernel_init=kernel_init,
         bias_init=bias_init,
+        conv_general_dilated=chunked_filter_grad_conv,
         name=name,
     )
 
