@@ -18,10 +18,12 @@ from gdreg import distributed
 REPO = Path(__file__).resolve().parent.parent
 
 PROBE = """
-import sys
+import os, sys
+requested, fullbatch, touch_jax_first = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+if sys.argv[4]:
+    os.sched_setaffinity(0, {int(core) for core in sys.argv[4].split(",")})
 import jax
 from gdreg import distributed
-requested, fullbatch, touch_jax_first = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
 if touch_jax_first:
     jax.devices()
 applied = distributed.configure_cpu_devices(distributed.cpu_devices_for(requested, fullbatch=fullbatch))
@@ -39,20 +41,14 @@ def _probe(
 ) -> tuple[bool, int]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **env_extra)
+    cores_arg = ",".join(str(core) for core in sorted(cores or ()))
+    flags = [str(requested), str(int(fullbatch)), str(int(touch_jax_first)), cores_arg]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            PROBE,
-            str(requested),
-            str(int(fullbatch)),
-            str(int(touch_jax_first)),
-        ],
+        [sys.executable, "-c", PROBE, *flags],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
     )
     assert result.returncode == 0, result.stderr
     applied, count = result.stdout.split()
