@@ -66,10 +66,10 @@ def cpu_devices_for(requested: int, *, fullbatch: bool) -> int:
     """How many JAX devices a CPU host is split into (``config.train.cpu_devices``).
 
     ``requested`` when positive; else one device per usable core for full-batch work (blocks
-    are independent, so each core runs its own blocks: on the 2-core development machine this
-    made a step 1.4x faster than one device using both cores for every convolution, see
-    README "Performance"), and one device for stochastic training, where a step is a single
-    block and further devices would only get zero-weight padding blocks.
+    are independent, so each core runs its own blocks, which beats one device that spreads
+    every small convolution over all cores; see README "Performance"), and one device for
+    stochastic training, where a step is a single block and further devices would only get
+    zero-weight padding blocks.
     """
     if requested > 0:  # a negative value is reported by the config check later
         return int(requested)
