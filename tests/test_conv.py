@@ -129,3 +129,11 @@ def test_grouped_convolution_is_plain_xla(x64):
 )
 def test_images_per_chunk(images, pixels, budget, expected):
     assert images_per_chunk(images, pixels, budget) == expected
+
+
+def test_other_backends_get_xlas_own_convolution(x64, small_chunks, monkeypatch):
+    monkeypatch.setattr(conv_module.jax, "default_backend", lambda: "gpu")
+    x, w = _problem(3, 1)
+    chunked, _ = _losses(1, 1)
+    jaxpr = jax.make_jaxpr(jax.grad(chunked, argnums=1))(x, w).jaxpr
+    assert _count_convolutions(jaxpr) == 2
