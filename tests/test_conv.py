@@ -22,12 +22,6 @@ LAYERS = [(3, 1, 1), (3, 2, 1), (1, 2, 0), (1, 1, 0), (7, 2, 3)]
 
 
 @pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture
 def small_chunks(monkeypatch):
     # 8x8 outputs: 64 pixels per image, so a budget of 128 pixels gives chunks of 2 images.
     monkeypatch.setattr(conv_module, "CPU_CHUNK_PIXELS", 128)

@@ -26,13 +26,6 @@ from gdreg.penalty import (
 SNIPPET = Path(__file__).resolve().parents[1] / "docs" / "penalty_snippet.py"
 
 
-@pytest.fixture
-def x64():
-    # A context manager, so the flag is restored for the other test files whatever happens here.
-    with jax.enable_x64(True):
-        yield
-
-
 def _tree_allclose(actual, expected, rtol, atol=0.0):
     jax.tree.map(
         lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol),
