@@ -14,21 +14,22 @@ Variants (default: ``regularized``):
 
 Fixed-dataset experiments (Sec. 4.3): ``sgd_noaug``, ``strong_noaug`` (no augmentation) and
 ``sgd_copies``, ``fb_copies``, ``strong_copies`` (N x CIFAR-10: N augmented copies drawn once;
-N = ``data.copies``, 10 by default, e.g. ``--config.data.copies=40``).
+N = ``data.copies``, 10 by default, e.g. ``--config.data.copies=40``). Other models:
+``configs/paper.py:MODEL,ROW``.
 
 ``quick`` runs in a few minutes on a laptop CPU (a narrow ResNet-18 on 1,024 CIFAR-10
 images, 40 steps, clipping and the penalty on); add ``--config.data.name=synthetic`` where
 CIFAR-10 cannot be downloaded.
 """
 
-from gdreg.config import FIXED_DATA_ROWS, PAPER_ROWS, paper_config
+from gdreg.config import PAPER_TABLE, ConfigError, paper_config
 
-VARIANTS = (*PAPER_ROWS, *FIXED_DATA_ROWS, "quick")
+VARIANTS = (*PAPER_TABLE, "quick")
 
 
 def get_config(variant: str = "regularized"):
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of resnet18_fb.py; known: {VARIANTS}")
+        raise ConfigError(f"unknown variant {variant!r} of resnet18_fb.py; known: {VARIANTS}")
     if variant != "quick":
         return paper_config("resnet18", variant)
     config = paper_config("resnet18", "regularized")

@@ -2,8 +2,23 @@
 
 Reimplements Geiping, Goldblum, Pope, Moeller, Goldstein, "Stochastic Training is Not
 Necessary for Generalization", ICLR 2022 (arXiv 2109.14119).
+
+The public API is the penalty transform; it is imported on first use, so that the JAX-free
+modules (``gdreg.config``, ``gdreg.rundir``, and the report built on them) load without JAX.
 """
 
-from gdreg.penalty import GradientNormPenaltyState, gradient_norm_penalty
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gdreg.penalty import GradientNormPenaltyState, gradient_norm_penalty
 
 __all__ = ["GradientNormPenaltyState", "gradient_norm_penalty"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("gdreg.penalty"), name)
+    raise AttributeError(f"module 'gdreg' has no attribute {name!r}")

@@ -1,12 +1,18 @@
-"""Benchmark of one regularized full-batch training step: ``python -m gdreg.bench``.
+"""Benchmark of one full-batch training step: ``python -m gdreg.bench --config FILE[:ARG]``.
 
-Times exactly what ``gdreg.main`` runs per step (augmentation, the sharded per-block gradient
-with the penalty, the mean, clipping, weight decay, Nesterov momentum) on synthetic
-CIFAR-shaped data, and prints one line per dataset size:
+Times exactly what ``gdreg.main`` runs per step for the given config (augmentation, the sharded
+per-block gradient with the penalty, the mean, clipping, weight decay, Nesterov momentum), on
+synthetic data of the config's ``data.synthetic_shape`` (CIFAR-shaped by default) with
+``--images`` training images, and prints one line per dataset size::
 
-    model=resnet18 width=16 images=512 block=32 method=forward dtype=float32 devices=1
+    python -m gdreg.bench --config configs/resnet18_fb.py:strong --config.model.width=16 \
+        --images 512,1024
+
+    model=resnet18 width=16 images=512 block=32 method=forward dtype=float32 devices=2 ...
     compile_s=... seconds_per_step=... images_per_second=... peak_memory_mb=... flop_fraction=...
 
+Any field can be overridden as in ``gdreg.main`` (``--config.model.dtype=bfloat16``,
+``--config.train.blocks_per_microbatch=8``, ``--config.penalty.method=jvp``, ...).
 ``seconds_per_step`` is the median over ``--steps`` steps after a compiling warm-up step.
 ``images_per_second`` counts each image once per step. ``peak_memory_mb`` is the devices'
 peak allocation where the backend reports it (GPUs), else the process's peak resident set
@@ -17,16 +23,28 @@ values show whether memory grows with the dataset beyond the resident uint8 imag
 
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
+import sys
 import time
 
 import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
-from gdreg import distributed, train
-from gdreg.config import base_config
-from gdreg.fullbatch import replicate
+from gdreg import distributed, exitcodes, experiment, train
+from gdreg.config import ConfigError
+from gdreg.sharding import replicate
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file (any gdreg.main config).", lock_config=True
+)
+flags.DEFINE_list("images", ["512"], "Training set sizes to time, comma-separated.")
+flags.DEFINE_integer("steps", 3, "Timed steps per size (after one compiling step).", lower_bound=1)
+flags.DEFINE_bool("flops", True, "Report XLA's FLOP count per step (--noflops: skip).")
+flags.mark_flags_as_required(["config"])
 
 # Peak dense rates (FLOP/s) per device kind and compute dtype, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -37,21 +55,14 @@ PEAK_FLOPS = {
 }
 
 
-def bench_config(args: argparse.Namespace, images: int):
-    config = base_config()
-    config.model.name = args.model
-    config.model.width = args.width
-    config.model.dtype = args.dtype
+def bench_config(config: ml_collections.ConfigDict, images: int) -> ml_collections.ConfigDict:
+    """``config`` on ``images`` synthetic training images (16 test images), without a bar."""
+    config = config.copy_and_resolve_references()
     config.data.name = "synthetic"
+    config.data.train_size = 0
+    config.data.test_size = 0
     config.data.synthetic_train_size = images
     config.data.synthetic_test_size = 16
-    config.train.block_size = args.block
-    config.train.blocks_per_microbatch = args.blocks_per_microbatch
-    config.train.microbatch_loop = args.microbatch_loop
-    config.train.block_loop = args.block_loop
-    config.train.cpu_devices = args.cpu_devices
-    config.penalty.method = args.method
-    config.penalty.strength = args.strength
     config.log.progress = False
     return config
 
@@ -64,76 +75,81 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_one(args: argparse.Namespace, images: int) -> dict:
-    config = bench_config(args, images)
-    run = train.build(config)
-    state = replicate(train.initial_state(run), run.mesh)
-    apply_update = train.make_apply_update(run.tx)
+def bench_one(
+    config: ml_collections.ConfigDict, images: int, *, steps: int = 3, flops: bool = True
+) -> dict:
+    """Times ``steps`` full-batch steps of ``config`` on ``images`` synthetic images."""
+    config = bench_config(config, images)
+    run = experiment.build(config)
+    state = replicate(experiment.initial_state(run), run.mesh)
+    apply_update = train.make_apply_update(run.optimizer.tx)
 
     start = time.perf_counter()
     state, _ = train.run_epoch(run, state, apply_update)
     compile_seconds = time.perf_counter() - start
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         start = time.perf_counter()
         state, _ = train.run_epoch(run, state, apply_update)
-        jax.block_until_ready(state["params"])
+        jax.block_until_ready(state.params)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    layout = train.epoch_layouts(run, 0)[0]
+    layout = experiment.epoch_layouts(run, 0)[0]
     used = layout.size
-    flops = None
-    if args.flops:
-        penalty_state = state["penalty_state"] if run.penalty else None
-        flops = run.engine.step_flops(
-            state["params"], state["model_state"], penalty_state, run.train_data, layout
+    flop_count = None
+    if flops:
+        flop_count = run.engine.step_flops(
+            state.params, state.model_state, state.penalty_state, run.train_data, layout
         )
     kind = jax.devices()[0].device_kind
-    peak = PEAK_FLOPS.get(kind, {}).get(args.dtype)
+    dtype = config.model.dtype
+    peak = PEAK_FLOPS.get(kind, {}).get(dtype)
+    penalized = config.penalty.strength > 0 or config.penalty.full_strength > 0
     return {
-        "model": args.model,
-        "width": args.width,
+        "model": config.model.name,
+        "width": config.model.width,
         "images": used,
-        "block": args.block,
-        "method": args.method if args.strength > 0 else "none",
-        "dtype": args.dtype,
+        "block": config.train.block_size,
+        "method": config.penalty.method if penalized else "none",
+        "dtype": dtype,
         "devices": jax.device_count(),
         "device_kind": kind.replace(" ", "_"),
         "compile_s": round(compile_seconds - seconds, 2),
         "seconds_per_step": round(seconds, 4),
         "images_per_second": round(used / seconds, 1),
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "tflop_per_step": f"{flops / 1e12:.4g}" if flops else "n/a",
-        "flop_fraction": round(flops / seconds / peak, 4) if flops and peak else "n/a",
+        "tflop_per_step": f"{flop_count / 1e12:.4g}" if flop_count else "n/a",
+        "flop_fraction": round(flop_count / seconds / peak, 4) if flop_count and peak else "n/a",
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--images", default="512", help="comma-separated dataset sizes")
-    parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--method", default="forward", choices=("forward", "central", "jvp"))
-    parser.add_argument("--strength", type=float, default=0.5, help="0: no penalty")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--blocks-per-microbatch", type=int, default=0, help="0: default")
-    parser.add_argument("--microbatch-loop", default="", choices=("", "python", "scan"))
-    parser.add_argument("--block-loop", default="", choices=("", "unroll", "vmap"))
-    parser.add_argument(
-        "--cpu-devices", type=int, default=0, help="CPU: devices per host; 0: one per core"
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    try:
+        sizes = [int(size) for size in FLAGS.images]
+    except ValueError:
+        print(f"error: --images takes whole numbers, got {','.join(FLAGS.images)}", file=sys.stderr)
+        return exitcodes.BAD_INPUT
+    if config.train.mode != "fullbatch":
+        print(
+            "error: gdreg.bench times full-batch steps; train.mode must be fullbatch",
+            file=sys.stderr,
+        )
+        return exitcodes.BAD_INPUT
+    distributed.configure_cpu_devices(
+        distributed.cpu_devices_for(config.train.cpu_devices, fullbatch=True)
     )
-    parser.add_argument("--no-flops", dest="flops", action="store_false")
-    args = parser.parse_args(argv)
-    distributed.configure_cpu_devices(distributed.cpu_devices_for(args.cpu_devices, fullbatch=True))
-    results = []
-    for images in (int(size) for size in args.images.split(",")):
-        result = bench_one(args, images)
+    for images in sizes:
+        try:
+            result = bench_one(config, images, steps=FLAGS.steps, flops=FLAGS.flops)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return exitcodes.BAD_INPUT
         print(" ".join(f"{key}={value}" for key, value in result.items()), flush=True)
-        results.append(result)
-    return results
+    return exitcodes.DONE
 
 
 if __name__ == "__main__":
-    main()
+    app.run(lambda argv: sys.exit(main(argv)))

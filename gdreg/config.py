@@ -1,63 +1,62 @@
-"""The configuration schema and the paper's table rows, shared by the files in ``configs/``.
+"""The configuration: its schema, its validation, and the paper's table rows.
 
 Units: an *epoch* is one pass over the training set; in full-batch mode one optimizer step
 is one epoch, so ``train.epochs`` is the number of full-batch steps and every schedule length
-is counted in epochs in both modes. Hyperparameters: ../shared/REFERENCE.md, i.e. Geiping et
-al. (ICLR 2022) and the authors' configuration files.
+is counted in epochs in both modes. Hyperparameters: Geiping, Goldblum, Pope, Moeller and
+Goldstein, "Stochastic Training is Not Necessary for Generalization" (ICLR 2022, arXiv
+2109.14119), Tables 1-2 and Sec. 4.3, and the authors' configuration files (github.com/
+JonasGeiping/fullbatchtraining, ``config/hyp/``).
+
+This is the only module that names config fields in error messages: :func:`validate` checks
+every field before anything is built, and :func:`blame` turns a library's complaint about
+one of its arguments (which the libraries name after the config field's leaf, e.g.
+``npz_path``) into a :class:`ConfigError` naming the field (``data.npz_path``). The module
+imports no JAX; :func:`validate` imports the model registry and the name lists of the
+libraries when it runs.
 """
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import ml_collections
 
-# The rows of the paper's tables (ResNet-18, ResNet-50, ResNet-152, DenseNet-121), then the
-# fixed-dataset experiments of Sec. 4.3 (no augmentation; N x CIFAR with N = data.copies).
-PAPER_ROWS = (
-    "sgd",
-    "fb_baseline",
-    "longer",
-    "clipped",
-    "regularized",
-    "strong",
-    "practice",
-)
-FIXED_DATA_ROWS = ("sgd_noaug", "strong_noaug", "sgd_copies", "fb_copies", "strong_copies")
-ROW_TITLES = {
-    "sgd": "Baseline SGD",
-    "fb_baseline": "Baseline FB",
-    "longer": "FB train longer",
-    "clipped": "FB clipped",
-    "regularized": "FB regularized",
-    "strong": "FB strong reg.",
-    "practice": "FB in practice",
-    "sgd_noaug": "SGD, no augmentation",
-    "strong_noaug": "FB strong reg., no augmentation",
-    "sgd_copies": "SGD, N x CIFAR",
-    "fb_copies": "FB, N x CIFAR",
-    "strong_copies": "FB strong reg., N x CIFAR",
-}
+MODES = ("fullbatch", "stochastic")
+MICROBATCH_LOOPS = ("", "python", "scan")  # "": the backend's default
+BLOCK_LOOPS = ("", "unroll", "vmap")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config field has a value the program cannot run with; the message names the field."""
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field a run reads, set to the paper's "FB regularized" ResNet-18 run."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.row = ""  # the table row this config reproduces, for reports
+    config.row = ""  # the table row this config reproduces (a key of PAPER_TABLE), for reports
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "resnet18"
-    config.model.width = 64
+    config.model.name = "resnet18"  # see gdreg.models.model_names()
+    config.model.width = 64  # channels of the first stage (DenseNet: growth rate); 0: default
     config.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "cifar10"  # cifar10 | cifar100 | npz | synthetic | digits
     config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
     config.data.download = True  # TFDS: download and prepare the dataset if it is missing
-    config.data.npz_path = ""
-    config.data.train_size = 0  # 0: the whole training split
+    config.data.npz_path = ""  # npz: file with x_train, y_train, x_test, y_test
+    config.data.train_size = 0  # 0: the whole training split; else a class-stratified subset
     config.data.test_size = 0
     config.data.augmentation = "random"  # random (fresh every step) | fixed | none
     config.data.copies = 1  # fixed: N x augmented copies, drawn once
-    config.data.padding = 4
-    config.data.flip = True
+    config.data.padding = 4  # zero padding before the random crop
+    config.data.flip = True  # random horizontal flips
     config.data.synthetic_shape = (32, 32, 3)
     config.data.synthetic_num_classes = 10
     config.data.synthetic_train_size = 512
@@ -85,18 +84,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.clip_norm = 0.25  # global L2 norm of the mean gradient; 0 turns clipping off
 
     config.penalty = ml_collections.ConfigDict()
-    config.penalty.strength = 0.5  # 0 turns the regularizer off
+    config.penalty.strength = 0.5  # weight of the block gradient; 0 turns the regularizer off
     config.penalty.method = "forward"  # forward | central | jvp
     config.penalty.eps = 1e-2
+    # Weight of the full-batch gradient in the penalty's Hessian-vector product (the
+    # reference's acc_strength; 0 in the paper). Above 0 every step makes a second pass.
     config.penalty.full_strength = 0.0
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.every_epochs = 100
+    config.eval.every_epochs = 100  # 0: only at the end
     config.eval.batch_size = 1000
-    config.eval.flip_average = False
+    config.eval.flip_average = False  # test-time augmentation: mean of image and mirror image
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_epochs = 50
+    config.checkpoint.every_epochs = 50  # 0: only at the end (and on SIGTERM)
     config.checkpoint.keep = 3
 
     config.log = ml_collections.ConfigDict()
@@ -104,32 +105,87 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _sgd_baseline(config: ml_collections.ConfigDict) -> None:
-    config.train.mode = "stochastic"
-    config.train.batch_size = 128
-    config.train.epochs = 300
-    config.optim.lr = 0.1
-    config.optim.warmup_epochs = 5
-    config.optim.cosine_epochs = 300  # the reference's cosine-decay over all 300 epochs
-    config.optim.clip_norm = 0.0
-    config.penalty.strength = 0.0
-    config.eval.every_epochs = 10
-    config.checkpoint.every_epochs = 10
+# ----- the paper's rows -----------------------------------------------------------------------
 
 
-def _full_batch(config: ml_collections.ConfigDict, *, clip: bool, regularize: bool) -> None:
-    config.train.mode = "fullbatch"
-    config.train.epochs = 3000
-    config.train.block_size = 128
-    config.optim.lr = 0.8 if regularize else 0.4
-    config.optim.warmup_epochs = 400
-    config.optim.cosine_epochs = 4000
-    config.optim.clip_norm = 0.25 if clip else 0.0
-    config.penalty.strength = 0.5 if regularize else 0.0
+@dataclasses.dataclass(frozen=True)
+class PaperRow:
+    """One row of the paper's tables: its title and the fields it sets (dotted names)."""
+
+    title: str
+    settings: Mapping[str, Any]
+
+
+_SGD = {
+    "train.mode": "stochastic",
+    "train.batch_size": 128,
+    "train.epochs": 300,
+    "optim.lr": 0.1,
+    "optim.warmup_epochs": 5,
+    "optim.cosine_epochs": 300,  # the reference's cosine decay over all 300 epochs
+    "optim.clip_norm": 0.0,
+    "penalty.strength": 0.0,
+    "eval.every_epochs": 10,
+    "checkpoint.every_epochs": 10,
+}
+_FB_LONGER = {
+    "train.mode": "fullbatch",
+    "train.epochs": 3000,
+    "train.block_size": 128,
+    "optim.lr": 0.4,
+    "optim.warmup_epochs": 400,
+    "optim.cosine_epochs": 4000,
+    "optim.clip_norm": 0.0,
+    "penalty.strength": 0.0,
+}
+_FB_CLIPPED = {**_FB_LONGER, "optim.clip_norm": 0.25}
+_FB_REGULARIZED = {**_FB_CLIPPED, "optim.lr": 0.8, "penalty.strength": 0.5}
+_FB_STRONG = {**_FB_REGULARIZED, "train.block_size": 32}
+_NO_AUGMENTATION = {"data.augmentation": "none"}
+_TEN_COPIES = {"data.augmentation": "fixed", "data.copies": 10}
+
+#: Table 1 of the paper (ResNet-18; Table 2 repeats it for ResNet-50, ResNet-152 and
+#: DenseNet-121), then the fixed-dataset experiments of Sec. 4.3 (no augmentation; N x CIFAR
+#: with N = data.copies). A row sets only the fields it lists.
+PAPER_TABLE: dict[str, PaperRow] = {
+    "sgd": PaperRow("Baseline SGD", _SGD),
+    "fb_baseline": PaperRow("Baseline FB", {**_SGD, "train.mode": "fullbatch"}),
+    "longer": PaperRow("FB train longer", _FB_LONGER),
+    "clipped": PaperRow("FB clipped", _FB_CLIPPED),
+    "regularized": PaperRow("FB regularized", _FB_REGULARIZED),
+    "strong": PaperRow("FB strong reg.", _FB_STRONG),
+    "practice": PaperRow("FB in practice", {**_FB_STRONG, "train.shuffle_blocks": True}),
+    "sgd_noaug": PaperRow("SGD, no augmentation", {**_SGD, **_NO_AUGMENTATION}),
+    "strong_noaug": PaperRow("FB strong reg., no augmentation", {**_FB_STRONG, **_NO_AUGMENTATION}),
+    "sgd_copies": PaperRow("SGD, N x CIFAR", {**_SGD, **_TEN_COPIES}),
+    "fb_copies": PaperRow("FB, N x CIFAR", {**_FB_LONGER, **_TEN_COPIES}),
+    "strong_copies": PaperRow("FB strong reg., N x CIFAR", {**_FB_STRONG, **_TEN_COPIES}),
+}
+PAPER_ROWS = ("sgd", "fb_baseline", "longer", "clipped", "regularized", "strong", "practice")
+FIXED_DATA_ROWS = tuple(row for row in PAPER_TABLE if row not in PAPER_ROWS)
+ROW_TITLES = {row: entry.title for row, entry in PAPER_TABLE.items()}
+#: The models of the paper's Tables 1 and 2.
+PAPER_MODELS = ("resnet18", "resnet50", "resnet152", "densenet121")
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """``set_field(config, "optim.lr", 0.4)`` sets ``config.optim.lr``."""
+    *sections, leaf = dotted.split(".")
+    for section in sections:
+        config = config[section]
+    config[leaf] = value
+
+
+def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    """``get_field(config, "optim.lr")`` is ``config.optim.lr``."""
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
 
 
 def apply_row(config: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
-    """Sets the hyperparameters of one table row (see ``PAPER_ROWS``, ``FIXED_DATA_ROWS``).
+    """Sets the fields of one row of :data:`PAPER_TABLE` in ``config`` (and ``config.row``).
 
     Baseline SGD: batch 128, 300 epochs, lr 0.1, 5 warmup epochs, cosine to 0. Baseline FB: the
     same, full batch. The 3000-step rows: lr 0.4 (0.8 with the penalty), 400 warmup steps,
@@ -137,29 +193,11 @@ def apply_row(config: ml_collections.ConfigDict, row: str) -> ml_collections.Con
     strength 0.5 with blocks of 128 ("regularized") or 32 ("strong", "practice"), blocks
     redrawn every step ("practice").
     """
-    if row not in PAPER_ROWS + FIXED_DATA_ROWS:
-        raise ValueError(f"unknown row {row!r}; known: {PAPER_ROWS + FIXED_DATA_ROWS}")
+    if row not in PAPER_TABLE:
+        raise ConfigError(f"unknown row {row!r}; known: {tuple(PAPER_TABLE)}")
     config.row = row
-    if row.startswith("sgd"):
-        _sgd_baseline(config)
-    elif row == "fb_baseline":
-        _sgd_baseline(config)
-        config.train.mode = "fullbatch"
-    elif row in ("longer", "fb_copies"):
-        _full_batch(config, clip=False, regularize=False)
-    elif row == "clipped":
-        _full_batch(config, clip=True, regularize=False)
-    else:
-        _full_batch(config, clip=True, regularize=True)
-    if row.startswith("strong") or row == "practice":
-        config.train.block_size = 32
-    if row == "practice":
-        config.train.shuffle_blocks = True
-    if row.endswith("_noaug"):
-        config.data.augmentation = "none"
-    if row.endswith("_copies"):
-        config.data.augmentation = "fixed"
-        config.data.copies = 10
+    for dotted, value in PAPER_TABLE[row].settings.items():
+        set_field(config, dotted, value)
     return config
 
 
@@ -169,3 +207,113 @@ def paper_config(model: str, row: str, dataset: str = "cifar10") -> ml_collectio
     config.model.name = model
     config.data.name = dataset
     return apply_row(config, row)
+
+
+# ----- validation -------------------------------------------------------------------------------
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the fields that name a choice, from the modules that own them."""
+    from gdreg.data import AUGMENTATIONS, DATASET_NAMES
+    from gdreg.models import model_names
+    from gdreg.optim import SCHEDULES
+    from gdreg.penalty import METHODS
+
+    return {
+        "model.name": tuple(model_names()),
+        "model.dtype": DTYPES,
+        "data.name": DATASET_NAMES,
+        "data.augmentation": AUGMENTATIONS,
+        "train.mode": MODES,
+        "train.microbatch_loop": MICROBATCH_LOOPS,
+        "train.block_loop": BLOCK_LOOPS,
+        "optim.schedule": SCHEDULES,
+        "penalty.method": METHODS,
+    }
+
+
+def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
+    """(holds, field, what it must be) for every numeric field."""
+    data, train, optim = config.data, config.train, config.optim
+    return [
+        (config.model.width >= 0, "model.width", "must be >= 0 (0: the model's default)"),
+        (data.train_size >= 0, "data.train_size", "must be >= 0 (0: all)"),
+        (data.test_size >= 0, "data.test_size", "must be >= 0 (0: all)"),
+        (data.copies >= 1, "data.copies", "must be >= 1"),
+        (data.padding >= 0, "data.padding", "must be >= 0"),
+        (
+            len(data.synthetic_shape) == 3 and min(data.synthetic_shape) >= 1,
+            "data.synthetic_shape",
+            "must be three positive sizes (H, W, C)",
+        ),
+        (data.synthetic_num_classes >= 1, "data.synthetic_num_classes", "must be >= 1"),
+        (data.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1"),
+        (data.synthetic_test_size >= 0, "data.synthetic_test_size", "must be >= 0"),
+        (train.epochs >= 1, "train.epochs", "must be at least 1"),
+        (train.block_size >= 1, "train.block_size", "must be at least 1"),
+        (train.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (train.blocks_per_microbatch >= 0, "train.blocks_per_microbatch", "must be >= 0"),
+        (train.cpu_devices >= 0, "train.cpu_devices", "must be >= 0"),
+        (optim.lr > 0, "optim.lr", "must be positive"),
+        (optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be non-negative"),
+        (
+            optim.schedule != "warmup_cosine" or optim.cosine_epochs > 0,
+            "optim.cosine_epochs",
+            "must be positive for the warmup_cosine schedule",
+        ),
+        (0 <= optim.momentum < 1, "optim.momentum", "must be in [0, 1)"),
+        (optim.weight_decay >= 0, "optim.weight_decay", "must be non-negative"),
+        (optim.clip_norm >= 0, "optim.clip_norm", "must be non-negative"),
+        (config.penalty.strength >= 0, "penalty.strength", "must be non-negative"),
+        (config.penalty.full_strength >= 0, "penalty.full_strength", "must be non-negative"),
+        (config.penalty.eps > 0, "penalty.eps", "must be positive"),
+        (config.eval.every_epochs >= 0, "eval.every_epochs", "must be non-negative"),
+        (config.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
+        (config.checkpoint.every_epochs >= 0, "checkpoint.every_epochs", "must be >= 0"),
+        (config.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1"),
+    ]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every field of ``config``; raises :class:`ConfigError` naming the first bad one.
+
+    What depends on the dataset (a block larger than the training set, an unreadable ``.npz``)
+    is checked when the data is loaded: see :func:`check_dataset_fits` and :func:`blame`.
+    """
+    for field, allowed in _choices().items():
+        value = get_field(config, field)
+        if value not in allowed:
+            raise ConfigError(f"{field}={value!r} is not known; choose one of {allowed}")
+    if config.data.name == "npz" and not config.data.npz_path:
+        raise ConfigError("data.npz_path must be set when data.name='npz'")
+    for holds, field, message in _bounds(config):
+        if not holds:
+            raise ConfigError(f"{field} {message}, got {get_field(config, field)!r}")
+
+
+def check_dataset_fits(config: ml_collections.ConfigDict, num_virtual_images: int) -> None:
+    """Checks that a block (or minibatch) fits in the ``num_virtual_images`` training images."""
+    field = "train.block_size" if config.train.mode == "fullbatch" else "train.batch_size"
+    size = get_field(config, field)
+    if size > num_virtual_images:
+        raise ConfigError(f"{field} {size} is larger than the {num_virtual_images} training images")
+
+
+@contextlib.contextmanager
+def blame(section: str) -> Iterator[None]:
+    """Re-raises a ``ValueError`` from a library as a :class:`ConfigError` on ``section``.
+
+    The libraries name their arguments after the config fields' leaves, so a message that
+    starts with such a name (``npz_path='x.npz': file not found``) is prefixed with the section
+    (``data.npz_path='x.npz': file not found``); any other message with ``section: ``.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        message = " ".join(str(error).split())
+        match = re.match(r"[a-z_]+", message)
+        if match and match.group(0) in base_config()[section]:
+            raise ConfigError(f"{section}.{message}") from None
+        raise ConfigError(f"{section}: {message}") from None

@@ -19,7 +19,7 @@ detection, ``61440 + SLURM_JOB_ID % 4096``; the process id and count are ``SLURM
 * ``JAX_LOCAL_DEVICE_IDS=0,1`` overrides both.
 
 Failures at start-up are reported in one line: a process that is not joined by all others
-within ``timeout_seconds`` exits with :data:`JOIN_TIMEOUT_EXIT_CODE` (JAX itself would abort
+within ``timeout_seconds`` exits with :data:`gdreg.exitcodes.JOIN_TIMEOUT` (JAX itself would abort
 with a C++ stack trace), and processes started with different configs raise
 :class:`ConfigMismatchError` naming the fields that differ.
 """
@@ -38,7 +38,9 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-JOIN_TIMEOUT_EXIT_CODE = 4
+from gdreg import exitcodes
+from gdreg.rundir import flatten
+
 # Port rule of JAX's SlurmCluster (jax/_src/clusters/slurm_cluster.py): an ephemeral port
 # derived from the job id, so that every task computes the same one.
 _SLURM_PORT_BASE = 65535 - 2**12 + 1
@@ -197,7 +199,7 @@ class _JoinWatchdog:
             "and that process 0's host and port are reachable\n"
         )
         sys.stderr.flush()
-        os._exit(JOIN_TIMEOUT_EXIT_CODE)
+        os._exit(exitcodes.JOIN_TIMEOUT)
 
     def __enter__(self):
         self.thread.start()
@@ -219,7 +221,7 @@ def initialize(
     Explicit arguments win; otherwise SLURM's variables are used (see the module docstring).
     A single process does nothing but log its devices. Returns whether the runtime was
     initialized. A process that is not joined by all others within ``timeout_seconds``
-    exits with :data:`JOIN_TIMEOUT_EXIT_CODE` after printing one line.
+    exits with :data:`gdreg.exitcodes.JOIN_TIMEOUT` after printing one line.
     """
     explicit = coordinator_address is not None or process_id is not None or (num_processes or 1) > 1
     if explicit:
@@ -284,18 +286,9 @@ def shutdown() -> None:
 # ----- consistency across processes -------------------------------------------------------
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def _differences(mine: str, theirs: str, limit: int = 5) -> str:
     try:
-        a, b = _flatten(json.loads(mine)), _flatten(json.loads(theirs))
+        a, b = flatten(json.loads(mine)), flatten(json.loads(theirs))
     except ValueError:
         return "the configs differ"
     keys = sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))

@@ -2,14 +2,10 @@
 
 Every image counts exactly once: the set is split into batches of ``batch_size`` images per
 device, the last batch padded with zero-weight entries, and the per-device sums reduced
-once at the end, as in :mod:`gdreg.fullbatch`.
+once at the end (:func:`gdreg.sharding.pad_with_zero_weights`), as in :mod:`gdreg.fullbatch`.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +14,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gdreg.fullbatch import DATA_AXIS, fetch_replicated, shard_rows
-
-PyTree = Any
-# predict_fn(params, model_state, inputs) -> logits
-PredictFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
-# batch_fn(data, indices[batch], step) -> (inputs, labels)
-BatchFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+from gdreg.sharding import DATA_AXIS, fetch_replicated, pad_with_zero_weights, shard_rows
+from gdreg.types import BatchFn, PredictFn, PyTree
 
 
 def flip_averaged(predict_fn: PredictFn) -> PredictFn:
@@ -46,7 +37,7 @@ class Evaluator:
         self, predict_fn: PredictFn, batch_fn: BatchFn, *, mesh: Mesh, batch_size: int
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"eval.batch_size must be at least 1, got {batch_size}")
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.predict_fn = predict_fn
         self.batch_fn = batch_fn
         self.mesh = mesh
@@ -85,10 +76,8 @@ class Evaluator:
     ) -> dict[str, float]:
         """Returns {"loss", "accuracy"} over the first ``num_images`` images of ``data``."""
         unit = self.num_devices * self.batch_size
-        padded = math.ceil(num_images / unit) * unit
-        indices = np.zeros((padded,), np.int32)
-        indices[:num_images] = np.arange(num_images, dtype=np.int32)
-        weights = (np.arange(padded) < num_images).astype(np.float32)
+        indices, weights = pad_with_zero_weights(np.arange(num_images, dtype=np.int32), unit)
+        padded = indices.shape[0]
         shape = (padded // self.batch_size, self.batch_size)
         indices = shard_rows(indices.reshape(shape), self.mesh)
         weights = shard_rows(weights.reshape(shape), self.mesh)

@@ -38,9 +38,7 @@ regularizer's extra passes; that makes the statistics depend on block order.)
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,13 +47,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = "data"
-
-PyTree = Any
-# loss_fn(params, model_state, inputs, labels) -> (mean loss, (new_model_state, {"accuracy": ...}))
-LossFn = Callable[[PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
-# batch_fn(data, indices[block_size], step) -> (inputs, labels) of one block
-BatchFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+from gdreg.sharding import DATA_AXIS, pad_with_zero_weights, shard_rows
+from gdreg.types import BatchFn, LossFn, PyTree
 
 MICROBATCH_LOOPS = ("python", "scan")
 BLOCK_LOOPS = ("unroll", "vmap")
@@ -76,50 +69,6 @@ class FullBatchResult(NamedTuple):
     model_state: PyTree
     penalty_state: PyTree
     metrics: dict[str, jax.Array]
-
-
-def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh named ``data`` over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places a pytree of host arrays on every device of ``mesh`` (also across processes).
-
-    Every process must pass the same values; each one fills only its own devices, so this works
-    unchanged under ``jax.distributed``.
-    """
-    sharding = NamedSharding(mesh, P())
-
-    def put(leaf):
-        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
-            return leaf
-        host = np.asarray(leaf)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(put, tree)
-
-
-def shard_rows(array: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Splits a host array (identical on every process) along axis 0 over the ``data`` axis."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
-def fetch_replicated(tree: PyTree) -> PyTree:
-    """Copies a pytree of replicated arrays to the host as numpy (also across processes).
-
-    Under ``jax.distributed`` a replicated array spans devices of other processes and cannot be
-    read whole; every process reads its own first copy instead.
-    """
-
-    def fetch(leaf):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return np.asarray(leaf.addressable_data(0))
-        return np.asarray(leaf)
-
-    return jax.tree.map(fetch, tree)
 
 
 def block_layout(
@@ -164,10 +113,16 @@ class FullBatchGradient:
         engine = FullBatchGradient(loss_fn, batch_fn, mesh=data_mesh(), penalty=penalty)
         result = engine(params, model_state, penalty_state, data, block_indices, step)
 
-    ``loss_fn`` and ``batch_fn`` are pure functions (see the type aliases above); ``data`` is a
+    ``loss_fn`` and ``batch_fn`` are pure functions (see :mod:`gdreg.types`); ``data`` is a
     pytree held replicated on every device (e.g. the uint8 training set), which ``batch_fn``
     turns into one block's inputs. ``penalty`` is an optax transformation applied to every
     block gradient as ``penalty.update(g_B, penalty_state, params, grad_fn=grad of L_B)``.
+
+    With ``penalty_full_gradient=True`` each call makes two passes over the same blocks and
+    augmentation draws, as the reference implementation does for its ``acc_strength``: the
+    first computes the plain mean gradient ``g = mean_B grad L_B``, the second hands it to
+    every block's penalty update as ``full_grads=g`` (see :func:`gdreg.gradient_norm_penalty`'s
+    ``full_strength``).
     """
 
     def __init__(
@@ -177,6 +132,7 @@ class FullBatchGradient:
         *,
         mesh: Mesh,
         penalty: optax.GradientTransformationExtraArgs | None = None,
+        penalty_full_gradient: bool = False,
         blocks_per_microbatch: int = 1,
         microbatch_loop: str = "python",
         block_loop: str = "unroll",
@@ -191,10 +147,13 @@ class FullBatchGradient:
             raise ValueError(
                 f"blocks_per_microbatch must be at least 1, got {blocks_per_microbatch}"
             )
+        if penalty_full_gradient and penalty is None:
+            raise ValueError("penalty_full_gradient needs a penalty to hand the gradient to")
         self.loss_fn = loss_fn
         self.batch_fn = batch_fn
         self.mesh = mesh
         self.penalty = penalty
+        self.penalty_full_gradient = penalty_full_gradient
         self.blocks_per_microbatch = blocks_per_microbatch
         self.microbatch_loop = microbatch_loop
         self.block_loop = block_loop
@@ -205,6 +164,40 @@ class FullBatchGradient:
         self._zero_carry = jax.jit(
             self._zero_carry_impl, out_shardings=NamedSharding(mesh, P(DATA_AXIS))
         )
+        # The first pass of penalty_full_gradient: the same blocks without the penalty.
+        self._plain = self.replace(penalty=None) if penalty_full_gradient else None
+
+    def replace(self, **changes) -> FullBatchGradient:
+        """A new engine with the same settings except ``changes`` (constructor arguments)."""
+        settings = {
+            "loss_fn": self.loss_fn,
+            "batch_fn": self.batch_fn,
+            "mesh": self.mesh,
+            "penalty": self.penalty,
+            "penalty_full_gradient": self.penalty_full_gradient,
+            "blocks_per_microbatch": self.blocks_per_microbatch,
+            "microbatch_loop": self.microbatch_loop,
+            "block_loop": self.block_loop,
+        }
+        settings.update(changes)
+        if settings["penalty"] is None:
+            settings["penalty_full_gradient"] = False
+        loss_fn, batch_fn = settings.pop("loss_fn"), settings.pop("batch_fn")
+        return FullBatchGradient(loss_fn, batch_fn, **settings)
+
+    def forward_only(self) -> FullBatchGradient:
+        """An engine for the same blocks that computes the loss and accuracy only.
+
+        Same loss, batch function, mesh and loop settings, no penalty, and the parameters behind
+        ``stop_gradient``, so no backward pass runs: its ``grads`` come out as zeros and its
+        ``metrics["loss"]``/``["accuracy"]`` equal this engine's.
+        """
+        loss_fn = self.loss_fn
+
+        def frozen_loss(params, model_state, inputs, labels):
+            return loss_fn(jax.lax.stop_gradient(params), model_state, inputs, labels)
+
+        return self.replace(loss_fn=frozen_loss, penalty=None)
 
     # ----- layout -------------------------------------------------------------------------
     def padded_layout(self, block_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,17 +207,10 @@ class FullBatchGradient:
             raise ValueError(
                 f"block_indices must be [num_blocks, block_size], got shape {block_indices.shape}"
             )
-        num_blocks = block_indices.shape[0]
-        unit = self.num_devices * self.blocks_per_microbatch
-        padded = math.ceil(num_blocks / unit) * unit
-        indices = np.zeros((padded, block_indices.shape[1]), np.int32)
-        indices[:num_blocks] = block_indices
-        weights = np.zeros((padded,), np.float32)
-        weights[:num_blocks] = 1.0
-        return indices, weights
+        return pad_with_zero_weights(block_indices, self.num_devices * self.blocks_per_microbatch)
 
     # ----- per block ----------------------------------------------------------------------
-    def _block(self, params, model_state, penalty_state, data, indices, weight, step):
+    def _block(self, params, model_state, penalty_state, full_grads, data, indices, weight, step):
         inputs, labels = self.batch_fn(data, indices, step)
 
         def loss_only(p):
@@ -237,8 +223,9 @@ class FullBatchGradient:
         sq_norm = _tree_sq_norm(grads)
         new_penalty_state = penalty_state
         if self.penalty is not None:
+            extra = {"full_grads": full_grads} if self.penalty_full_gradient else {}
             grads, new_penalty_state = self.penalty.update(
-                grads, penalty_state, params, grad_fn=jax.grad(loss_only)
+                grads, penalty_state, params, grad_fn=jax.grad(loss_only), **extra
             )
             grads = _as_float32(grads)
         sums = {
@@ -252,27 +239,30 @@ class FullBatchGradient:
         sums["weight"] = weight
         return sums, new_penalty_state
 
-    def _microbatch_sums(self, params, model_state, penalty_state, data, indices, weights, step):
-        """Weighted sums over the blocks of one microbatch (indices: [blocks, block_size])."""
+    def _microbatch_sums(self, shared, indices, weights):
+        """Weighted sums over the blocks of one microbatch (indices: [blocks, block_size]).
+
+        ``shared``: (params, model_state, penalty_state, full_grads, data, step), the same for
+        every block.
+        """
+        params, model_state, penalty_state, full_grads, data, step = shared
         if self.block_loop == "vmap":
             sums, new_penalty_state = jax.vmap(
-                self._block, in_axes=(None, None, None, None, 0, 0, None)
-            )(params, model_state, penalty_state, data, indices, weights, step)
+                self._block, in_axes=(None, None, None, None, None, 0, 0, None)
+            )(params, model_state, penalty_state, full_grads, data, indices, weights, step)
             sums = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), sums)
             new_penalty_state = jax.tree.map(lambda leaf: leaf[0], new_penalty_state)
             return sums, new_penalty_state
         total = None
         for j in range(indices.shape[0]):
             sums, new_penalty_state = self._block(
-                params, model_state, penalty_state, data, indices[j], weights[j], step
+                params, model_state, penalty_state, full_grads, data, indices[j], weights[j], step
             )
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return total, new_penalty_state
 
     # ----- per device (inside shard_map) ----------------------------------------------------
-    def _microbatch_body(
-        self, carry, params, model_state, penalty_state, data, indices, weights, step, index
-    ):
+    def _microbatch_body(self, carry, shared, indices, weights, index):
         start = index * self.blocks_per_microbatch
         take = functools.partial(
             jax.lax.dynamic_slice_in_dim,
@@ -280,22 +270,17 @@ class FullBatchGradient:
             slice_size=self.blocks_per_microbatch,
             axis=0,
         )
-        sums, new_penalty_state = self._microbatch_sums(
-            params, model_state, penalty_state, data, take(indices), take(weights), step
-        )
+        sums, new_penalty_state = self._microbatch_sums(shared, take(indices), take(weights))
         carry = jax.tree.map(lambda acc, s: acc + s[None], carry, sums)
         return carry, new_penalty_state
 
-    def _scan_body(
-        self, carry, params, model_state, penalty_state, data, indices, weights, step, _
-    ):
+    def _scan_body(self, carry, shared, indices, weights, _):
         num_microbatches = indices.shape[0] // self.blocks_per_microbatch
+        penalty_state = shared[2]
 
         def body(state, index):
             acc, _ = state
-            return self._microbatch_body(
-                acc, params, model_state, penalty_state, data, indices, weights, step, index
-            ), None
+            return self._microbatch_body(acc, shared, indices, weights, index), None
 
         (carry, new_penalty_state), _ = jax.lax.scan(
             body, (carry, penalty_state), jnp.arange(num_microbatches)
@@ -307,7 +292,7 @@ class FullBatchGradient:
         return jax.shard_map(
             body,
             mesh=self.mesh,
-            in_specs=(shard, P(), P(), P(), P(), shard, shard, P(), P()),
+            in_specs=(shard, P(), shard, shard, P()),
             out_specs=(shard, P()),
             # With varying-axis checks on, the gradient of a device-local loss with respect to
             # replicated parameters is psum-ed over devices by autodiff; every block gradient
@@ -343,20 +328,26 @@ class FullBatchGradient:
         }
         return jax.tree.map(zeros, template)
 
-    def _arguments(self, params, model_state, penalty_state, data, block_indices, step):
+    def _arguments(self, params, model_state, penalty_state, full_grads, data, block_indices, step):
         """The zero carry, the arguments of a microbatch call, and the microbatches per device."""
         indices, weights = self.padded_layout(block_indices)
         num_microbatches = indices.shape[0] // (self.num_devices * self.blocks_per_microbatch)
-        args = (
+        shared = (
             params,
             model_state,
             penalty_state,
+            full_grads,
             data,
-            shard_rows(indices, self.mesh),
-            shard_rows(weights, self.mesh),
             jnp.asarray(step, jnp.int32),
         )
+        args = (shared, shard_rows(indices, self.mesh), shard_rows(weights, self.mesh))
         return self._zero_carry(params, model_state), args, num_microbatches
+
+    def _full_gradient(self, params, model_state, data, block_indices, step) -> PyTree | None:
+        """The first pass of ``penalty_full_gradient``: the plain mean gradient (else None)."""
+        if self._plain is None:
+            return None
+        return self._plain(params, model_state, None, data, block_indices, step).grads
 
     def step_flops(
         self,
@@ -369,10 +360,17 @@ class FullBatchGradient:
         """XLA's FLOP count of one full evaluation over ``block_indices``, all devices together.
 
         The cost analysis of one compiled microbatch call (one device's share) times the number
-        of calls times the devices; None where the backend reports no FLOP count.
+        of calls times the devices, plus the first pass with ``penalty_full_gradient``; None
+        where the backend reports no FLOP count.
         """
+        first_pass = 0.0
+        if self._plain is not None:
+            first_pass = self._plain.step_flops(params, model_state, None, data, block_indices)
+            if first_pass is None:
+                return None
+        full_grads = jax.tree.map(jnp.zeros_like, params) if self._plain is not None else None
         carry, args, num_microbatches = self._arguments(
-            params, model_state, penalty_state, data, block_indices, 0
+            params, model_state, penalty_state, full_grads, data, block_indices, 0
         )
         try:
             cost = self._microbatch.lower(carry, *args, jnp.int32(0)).compile().cost_analysis()
@@ -381,7 +379,7 @@ class FullBatchGradient:
         cost = cost[0] if isinstance(cost, list) else cost
         if not cost or "flops" not in cost:
             return None
-        return float(cost["flops"]) * num_microbatches * self.num_devices
+        return first_pass + float(cost["flops"]) * num_microbatches * self.num_devices
 
     def __call__(
         self,
@@ -395,11 +393,12 @@ class FullBatchGradient:
         """Mean transformed block gradient over ``block_indices`` ([num_blocks, block_size]).
 
         ``params``, ``model_state``, ``penalty_state`` and ``data`` should already be replicated
-        on the mesh (see :func:`replicate`); ``block_indices`` is a host array, identical on
-        every process. ``step`` is handed to ``batch_fn`` (augmentation draws).
+        on the mesh (see :func:`gdreg.sharding.replicate`); ``block_indices`` is a host array,
+        identical on every process. ``step`` is handed to ``batch_fn`` (augmentation draws).
         """
+        full_grads = self._full_gradient(params, model_state, data, block_indices, step)
         carry, args, num_microbatches = self._arguments(
-            params, model_state, penalty_state, data, block_indices, step
+            params, model_state, penalty_state, full_grads, data, block_indices, step
         )
         new_penalty_state = penalty_state
         if self.microbatch_loop == "scan":

@@ -18,12 +18,12 @@ The loss is evaluated at ``theta + a * d1`` (1D) or ``theta + a * d1 + b * d2`` 
 quantity the training log reports as ``train_loss``/``train_accuracy``: the mean
 cross-entropy (no weight decay, no penalty) and accuracy over the training blocks in
 training mode (BatchNorm on each block's statistics), computed by the same sharded
-:class:`gdreg.fullbatch.FullBatchGradient` machinery as training, on the block layout and
-the augmentation draws of the epoch that follows the checkpoint (``train.epoch_layouts``;
-for stochastic runs the epoch's minibatches are the blocks). Only the forward pass runs:
-the loss is wrapped in ``stop_gradient``, so the engine's backward pass is empty. At
-distance 0 the value is the ``train_loss`` that the next epoch logs (up to float rounding).
-With ``--test`` the test loss and accuracy (evaluation mode) are computed at every point too.
+:class:`gdreg.fullbatch.FullBatchGradient` as training (its ``forward_only`` form), on the
+block layout and the augmentation draws of the epoch that follows the checkpoint
+(:func:`gdreg.experiment.epoch_layouts`; for stochastic runs the epoch's minibatches are the
+blocks). Only the forward pass runs. At distance 0 the value is the ``train_loss`` that the
+next epoch logs (up to float rounding). With ``--test`` the test loss and accuracy
+(evaluation mode) are computed at every point too.
 
 Writes ``landscape.json`` (grid, values and settings), ``landscape.csv`` (one row per
 point) and ``landscape.png`` (loss and accuracy along the line for 1D; loss contours for
@@ -42,15 +42,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from gdreg import distributed, train
-from gdreg.config import ROW_TITLES, base_config
-from gdreg.fullbatch import FullBatchGradient, fetch_replicated, replicate
+from gdreg import checkpoint, distributed, exitcodes, experiment, rundir
+from gdreg.config import ROW_TITLES, ConfigError
 from gdreg.progress import ProgressBar
+from gdreg.rundir import RunDirError
+from gdreg.sharding import fetch_replicated, replicate
+from gdreg.types import PyTree
 
-PyTree = Any
 OUTPUT_NAME = "landscape"
 FIGURE_SIZE_PX = (900, 600)
 FIGURE_DPI = 100
@@ -60,50 +60,29 @@ NORMALIZATION = (
 )
 
 
-class LandscapeError(Exception):
-    """The run directory cannot be used; the one-line message says why."""
+# ----- the run and its checkpoint -----------------------------------------------------------
 
 
-# ----- config and checkpoint ------------------------------------------------------------------
-
-
-def _merge(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        current = config.get(key) if key in config else None
-        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
-            _merge(current, value)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            config[key] = tuple(value)
-        else:
-            config[key] = value
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's ``config.json``, on top of :func:`gdreg.config.base_config`'s defaults."""
-    path = os.path.join(workdir, train.CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise LandscapeError(f"{workdir}: no {train.CONFIG_FILE}, not a training run directory")
+def load_run(workdir: str) -> experiment.Run:
+    """The run of ``workdir`` rebuilt from its ``config.json``."""
+    config = rundir.read_config(workdir)
     try:
-        with open(path) as handle:
-            values = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise LandscapeError(f"{path}: not JSON ({error})") from None
-    config = base_config()
-    _merge(config, values)
-    return config
+        return experiment.build(config)
+    except ConfigError as error:
+        raise RunDirError(f"{workdir}: {error}") from None
 
 
-def load_checkpoint(run: train.Run, workdir: str) -> dict[str, PyTree]:
+def load_checkpoint(run: experiment.Run, workdir: str) -> experiment.TrainState:
     """The newest checkpoint of ``workdir`` (host arrays), shaped like the run's state."""
-    if not os.path.isdir(os.path.join(workdir, train.CHECKPOINT_DIR)):
-        raise LandscapeError(f"{workdir}: no {train.CHECKPOINT_DIR}/ directory, nothing to load")
-    manager = train.checkpoint_manager(workdir, run.config.checkpoint.keep)
+    if not checkpoint.has_checkpoints(workdir):
+        raise RunDirError(f"{workdir}: no {rundir.CHECKPOINT_DIR}/ directory, nothing to load")
+    manager = checkpoint.checkpoint_manager(workdir, run.config.checkpoint.keep)
     try:
-        state = train.restore_latest(manager, train.initial_state(run), run.mesh)
+        state = checkpoint.restore_latest(manager, experiment.initial_state(run), run.mesh)
     finally:
         manager.close()
     if state is None:
-        raise LandscapeError(f"{workdir}: {train.CHECKPOINT_DIR}/ holds no checkpoint")
+        raise RunDirError(f"{workdir}: {rundir.CHECKPOINT_DIR}/ holds no checkpoint")
     return fetch_replicated(state)
 
 
@@ -143,32 +122,9 @@ def random_direction(params: PyTree, seed: int, index: int) -> PyTree:
 # ----- evaluation -----------------------------------------------------------------------------
 
 
-def loss_only_engine(run: train.Run) -> FullBatchGradient:
-    """``run.engine``'s loss and accuracy without its backward pass or penalty.
-
-    The same loss, batch function, mesh and block-loop settings, with the parameters behind
-    ``stop_gradient``: the gradients come out as zeros without being computed.
-    """
-    engine = run.engine
-    loss_fn = engine.loss_fn
-
-    def frozen_loss(params, model_state, inputs, labels):
-        return loss_fn(jax.lax.stop_gradient(params), model_state, inputs, labels)
-
-    return FullBatchGradient(
-        frozen_loss,
-        engine.batch_fn,
-        mesh=run.mesh,
-        penalty=None,
-        blocks_per_microbatch=engine.blocks_per_microbatch,
-        microbatch_loop=engine.microbatch_loop,
-        block_loop=engine.block_loop,
-    )
-
-
-def landscape_layout(run: train.Run, epoch: int) -> np.ndarray:
+def landscape_layout(run: experiment.Run, epoch: int) -> np.ndarray:
     """The blocks of the epoch after the checkpoint: its full-batch layout or its minibatches."""
-    layouts = train.epoch_layouts(run, epoch)
+    layouts = experiment.epoch_layouts(run, epoch)
     return layouts[0] if len(layouts) == 1 else np.concatenate(layouts, axis=0)
 
 
@@ -184,28 +140,25 @@ def compute_landscape(
 ) -> dict[str, Any]:
     """Loads the run in ``workdir`` and evaluates the loss on the grid; returns the results."""
     if directions not in (1, 2):
-        raise LandscapeError(f"--directions must be 1 or 2, got {directions}")
+        raise ValueError(f"directions must be 1 or 2, got {directions}")
     if points < directions:
-        raise LandscapeError(
-            f"--points must be at least {directions} for {directions} direction(s), got {points}"
+        raise ValueError(
+            f"points must be at least {directions} for {directions} direction(s), got {points}"
         )
     if not span > 0:
-        raise LandscapeError(f"--span must be positive, got {span}")
-    config = load_config(workdir)
-    try:
-        run = train.build(config)
-    except train.ConfigError as error:
-        raise LandscapeError(f"{workdir}: {error}") from None
+        raise ValueError(f"span must be positive, got {span}")
+    run = load_run(workdir)
+    config = run.config
     state = load_checkpoint(run, workdir)
-    epoch = int(state["epoch"])
-    params = state["params"]
+    epoch = int(state.epoch)
+    params = state.params
     layout = landscape_layout(run, epoch)
-    engine = loss_only_engine(run)
+    engine = run.engine.forward_only()
 
     dirs = [random_direction(params, seed, index) for index in range(directions)]
     params_dev = replicate(params, run.mesh)
     dirs_dev = replicate(dirs, run.mesh)
-    model_state = replicate(state["model_state"], run.mesh)
+    model_state = replicate(state.model_state, run.mesh)
 
     @jax.jit
     def moved(params, dirs, coefficients):
@@ -221,7 +174,7 @@ def compute_landscape(
         )
         values = {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"])}
         if test:
-            result = run.evaluator(at, model_state, run.test_data, len(run.dataset.test_images))
+            result = run.evaluator(at, model_state, run.test_data, run.dataset.num_test)
             values.update(test_loss=result["loss"], test_accuracy=result["accuracy"])
         return values
 
@@ -384,8 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test", action="store_true", help="also evaluate the test set")
     parser.add_argument("--out", default=None, help="output directory (default: --workdir)")
     args = parser.parse_args(argv)
+    if args.points < args.directions:
+        print(f"error: --points must be at least {args.directions}", file=sys.stderr)
+        return exitcodes.BAD_INPUT
+    if not args.span > 0:
+        print(f"error: --span must be positive, got {args.span}", file=sys.stderr)
+        return exitcodes.BAD_INPUT
     try:
-        requested = load_config(args.workdir).train.cpu_devices
+        requested = rundir.read_config(args.workdir).train.cpu_devices
         # A scan evaluates the whole training set block by block, also for a stochastic run.
         distributed.configure_cpu_devices(distributed.cpu_devices_for(requested, fullbatch=True))
         result = compute_landscape(
@@ -397,9 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             test=args.test,
         )
         paths = write_outputs(result, args.out or args.workdir)
-    except LandscapeError as error:
+    except RunDirError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return exitcodes.BAD_INPUT
     loss = np.asarray(result["loss"])
     print(
         f"epoch {result['epoch']}: training loss {result['center']['loss']:.4f} at the "
@@ -407,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({loss.size} points, {result['seconds']:.1f}s)"
     )
     print("wrote " + ", ".join(paths.values()))
-    return 0
+    return exitcodes.DONE
 
 
 if __name__ == "__main__":

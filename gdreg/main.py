@@ -4,10 +4,10 @@ Fields are overridden as ``--config.optim.lr=0.4``. When started as one of sever
 (SLURM, or ``--coordinator_address`` with ``--num_processes``/``--process_id``), the JAX
 distributed runtime is initialized first; see ``launch/``.
 
-Exit codes: 0 done; 2 config or dataset error (also: the processes got different configs, or
-incomplete multi-process flags); 3 training diverged; 4 not all processes joined within
-``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT: a checkpoint was saved, rerun
-with the same ``--workdir`` to resume).
+Exit codes (:mod:`gdreg.exitcodes`): 0 done; 2 config or dataset error (also: the processes
+got different configs, or incomplete multi-process flags); 3 training diverged; 4 not all
+processes joined within ``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT: a
+checkpoint was saved, rerun with the same ``--workdir`` to resume).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from gdreg import exitcodes
+
 FLAGS = flags.FLAGS
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early, rerun with the same workdir to resume
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints; reruns resume.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> int:
         distributed.check_same_config(FLAGS.config, FLAGS.workdir)
     except distributed.StartupError as error:
         print(f"error: {error}", file=sys.stderr)
-        code = 2
+        code = exitcodes.BAD_INPUT
     else:
         code = _train()
     # Every process gets here with the same code (the errors above are raised on every
@@ -69,30 +70,30 @@ def main(argv: list[str]) -> int:
 
 
 def _train() -> int:
-    from gdreg import data, train
+    from gdreg import config, data, train
 
     try:
         record = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (train.ConfigError, data.DatasetNotFoundError) as error:
+    except (config.ConfigError, data.DatasetNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return exitcodes.BAD_INPUT
     except train.TrainingDivergedError as error:
         print(
             f"error: training diverged: {error}; the last good checkpoint in "
             f"{FLAGS.workdir} is intact",
             file=sys.stderr,
         )
-        return 3
+        return exitcodes.DIVERGED
     except train.Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        return exitcodes.PREEMPTED
     summary = ", ".join(
         f"{key} {record[key]:.4f}"
         for key in ("train_loss", "test_loss", "test_accuracy")
         if key in record
     )
     print(f"done: epoch {record.get('epoch')}: {summary}")
-    return 0
+    return exitcodes.DONE
 
 
 def run() -> None:

@@ -41,13 +41,13 @@ def learning_rate_schedule(
     H = 4000 ("cosine-4000") a 3000-step run ends at 27% of the base rate.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if base_lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {base_lr}")
+        raise ValueError(f"base_lr must be positive, got {base_lr}")
     if warmup_epochs < 0:
-        raise ValueError(f"optim.warmup_epochs must be non-negative, got {warmup_epochs}")
+        raise ValueError(f"warmup_epochs must be non-negative, got {warmup_epochs}")
     if schedule == "warmup_cosine" and cosine_epochs <= 0:
-        raise ValueError(f"optim.cosine_epochs must be positive, got {cosine_epochs}")
+        raise ValueError(f"cosine_epochs must be positive, got {cosine_epochs}")
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
 
@@ -83,11 +83,11 @@ def sgd_chain(
     params -= lr_t * d.
     """
     if clip_norm < 0:
-        raise ValueError(f"optim.clip_norm must be non-negative, got {clip_norm}")
+        raise ValueError(f"clip_norm must be non-negative, got {clip_norm}")
     if weight_decay < 0:
-        raise ValueError(f"optim.weight_decay must be non-negative, got {weight_decay}")
+        raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
     if not 0 <= momentum < 1:
-        raise ValueError(f"optim.momentum must be in [0, 1), got {momentum}")
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     parts = []
     if clip_norm > 0:
         parts.append(optax.clip_by_global_norm(clip_norm))

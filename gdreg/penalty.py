@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gdreg.types import PyTree
+
 __all__ = [
     "METHODS",
     "GradientNormPenaltyState",
@@ -36,7 +38,6 @@ __all__ = [
     "hessian_vector_product",
 ]
 
-PyTree = Any
 GradFn = Callable[[PyTree], PyTree]
 
 #: Ways to compute the Hessian-vector product, see :func:`hessian_vector_product`.

@@ -2,8 +2,8 @@
 
     python -m gdreg.report RUN_DIR... [--out DIR]
 
-Reads each run directory's ``config.json`` and ``metrics.jsonl`` (written by
-:func:`gdreg.train.train_and_evaluate`) and writes to ``--out`` (default: the run
+Reads each run directory's ``config.json`` and ``metrics.jsonl`` (:mod:`gdreg.rundir`) and
+writes to ``--out`` (default: the run
 directories' common parent, or the run directory itself for a single run):
 
 * ``curves.png``: one 1000 x 750 px figure of four panels against epochs: training loss,
@@ -22,7 +22,7 @@ by the run directory's name when ``row`` is empty.
 
 Modifications, from the config: ``clip`` (``optim.clip_norm`` > 0), ``reg``
 (``penalty.strength`` > 0), ``fullreg`` (``penalty.full_strength`` > 0), ``bsN`` (full
-batch with blocks of N != 128), ``shuffle`` (``train.shuffle_blocks``), ``noaug``
+batch with blocks of N other than the paper's 128, the default of ``train.block_size``), ``shuffle`` (``train.shuffle_blocks``), ``noaug``
 (``data.augmentation`` none) and ``fixedxN`` (N fixed augmented copies).
 
 Steps: one per epoch in full-batch mode; ``images // batch_size`` per epoch in stochastic
@@ -43,10 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from gdreg import exitcodes, rundir
 from gdreg.config import ROW_TITLES, base_config
+from gdreg.rundir import RunDirError
 
-METRICS_FILE = "metrics.jsonl"  # as gdreg.train (not imported: it pulls in JAX and orbax)
-CONFIG_FILE = "config.json"
 FIGURE_FILE = "curves.png"
 REPORT_FILE = "report.md"
 FIGURE_SIZE_PX = (1000, 750)
@@ -64,6 +64,7 @@ NOT_GROUPED_BY = (
     "eval.every_epochs",
     "eval.batch_size",
 )
+_PAPER_BLOCK_SIZE = base_config().train.block_size
 COLUMNS = (
     "Row",
     "Mini-batching",
@@ -73,10 +74,6 @@ COLUMNS = (
     "Seeds",
     "Test accuracy (%)",
 )
-
-
-class ReportError(Exception):
-    """A run directory cannot be reported on; the one-line message says why."""
 
 
 @dataclasses.dataclass
@@ -140,62 +137,13 @@ class Group:
 # ----- reading ------------------------------------------------------------------------------
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists become tuples (JSON has no tuples)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = tuple(value) if isinstance(value, list) else value
-    return flat
-
-
-def _defaults() -> dict[str, Any]:
-    return flatten(json.loads(base_config().to_json_best_effort()))
-
-
 def load_run(path: str) -> RunRecord:
-    """Reads ``path/config.json`` and ``path/metrics.jsonl``; :class:`ReportError` if unusable."""
-    if not os.path.isdir(path):
-        raise ReportError(f"{path}: no such directory")
-    metrics_path = os.path.join(path, METRICS_FILE)
-    if not os.path.isfile(metrics_path):
-        runs_below = sorted(
-            entry
-            for entry in os.listdir(path)
-            if os.path.isfile(os.path.join(path, entry, METRICS_FILE))
-        )
-        hint = (
-            f" (its subdirectories {', '.join(runs_below)} are runs: pass those)"
-            if runs_below
-            else ""
-        )
-        raise ReportError(f"{path}: no {METRICS_FILE}, not a training run directory{hint}")
-    metrics = []
-    with open(metrics_path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ReportError(f"{metrics_path} line {number}: not JSON ({error})") from None
-            if not isinstance(record, dict) or "epoch" not in record:
-                raise ReportError(f"{metrics_path} line {number}: not a metrics record")
-            metrics.append(record)
-    if not metrics:
-        raise ReportError(f"{metrics_path}: no epochs recorded yet")
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise ReportError(f"{path}: has {METRICS_FILE} but no {CONFIG_FILE}")
-    try:
-        with open(config_path) as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ReportError(f"{config_path}: not JSON ({error})") from None
-    return RunRecord(path=path, config={**_defaults(), **flatten(config)}, metrics=metrics)
+    """Reads a run directory; :class:`gdreg.rundir.RunDirError` if it cannot be used."""
+    metrics = rundir.read_metrics(path)
+    if not os.path.isfile(os.path.join(path, rundir.CONFIG_FILE)):
+        raise RunDirError(f"{path}: has {rundir.METRICS_FILE} but no {rundir.CONFIG_FILE}")
+    config = rundir.flatten(rundir.read_config(path))
+    return RunRecord(path=path, config=config, metrics=metrics)
 
 
 def _group_key(config: dict[str, Any]) -> str:
@@ -247,7 +195,7 @@ def modifications(config: dict[str, Any]) -> str:
         parts.append("reg")
     if float(config.get("penalty.full_strength", 0.0)) > 0:
         parts.append("fullreg")
-    if fullbatch and int(config["train.block_size"]) != 128:
+    if fullbatch and int(config["train.block_size"]) != _PAPER_BLOCK_SIZE:
         parts.append(f"bs{int(config['train.block_size'])}")
     if fullbatch and bool(config["train.shuffle_blocks"]):
         parts.append("shuffle")
@@ -383,7 +331,7 @@ def default_out(run_dirs: Sequence[str]) -> str:
 def write_report(run_dirs: Sequence[str], out: str | None = None) -> dict[str, Any]:
     """Reads the runs, writes ``curves.png`` and ``report.md`` to ``out``; returns what it made."""
     if not run_dirs:
-        raise ReportError("no run directories given")
+        raise RunDirError("no run directories given")
     runs = [load_run(path) for path in run_dirs]
     groups = group_runs(runs)
     out = default_out(run_dirs) if out is None else out
@@ -429,12 +377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = write_report(args.run_dirs, args.out)
-    except ReportError as error:
+    except RunDirError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return exitcodes.BAD_INPUT
     print(result["table"])
     print(f"wrote {result['report']} and {result['figure']}")
-    return 0
+    return exitcodes.DONE
 
 
 if __name__ == "__main__":

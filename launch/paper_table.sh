@@ -5,6 +5,8 @@
 #
 # Row R with seed K of config C (configs/C.py) runs
 #   --config configs/C.py:R --workdir RUNS_DIR/C/R/seedK --config.seed=K ARGS...
+# and with MODEL=M (any model; the paper's second table: resnet50, resnet152, densenet121)
+#   --config configs/paper.py:M,R --workdir RUNS_DIR/M/R/seedK --config.seed=K ARGS...
 # submitted with `sbatch launch/slurm.sbatch` (default), or run one after another on this
 # machine with launch/single_node.sh (--local). Rerunning the script resumes unfinished runs
 # from their workdirs; finished runs only report their final metrics again.
@@ -18,6 +20,7 @@
 #
 # Knobs (environment variables):
 #   CONFIG=resnet18_fb   config file name in configs/ (or a path to a .py file).
+#   MODEL=               a model name: the rows of configs/paper.py for it (CONFIG unused).
 #   ROWS=paper           paper: the main table (sgd ... practice); fixed: the fixed-dataset
 #                        rows of Sec. 4.3; all: both; or a space-separated list of variants.
 #   SEEDS="0"            seeds, space-separated (e.g. "0 1 2 3 4"); SEEDS=5 means 0..4.
@@ -40,6 +43,10 @@ while (($#)); do
   shift
 done
 
+MODEL="${MODEL:-}"
+if [[ -n "$MODEL" ]]; then
+  CONFIG=paper
+fi
 CONFIG="${CONFIG:-resnet18_fb}"
 ROWS="${ROWS:-paper}"
 SEEDS="${SEEDS:-0}"
@@ -49,7 +56,7 @@ if [[ "$CONFIG" == *.py ]]; then
 else
   config_file="configs/$CONFIG.py"
 fi
-config_name="$(basename "$config_file" .py)"
+config_name="${MODEL:-$(basename "$config_file" .py)}"
 if [[ ! -f "$config_file" ]]; then
   echo "error: config file $config_file not found (run from the repository root)" >&2
   exit 2
@@ -78,7 +85,7 @@ failed=()
 for row in $rows; do
   for seed in $SEEDS; do
     workdir="$RUNS_DIR/$config_name/$row/seed$seed"
-    args=(--config "$config_file:$row" --workdir "$workdir" --config.seed="$seed" "${extra[@]}")
+    args=(--config "$config_file:${MODEL:+$MODEL,}$row" --workdir "$workdir" --config.seed="$seed" "${extra[@]}")
     if ((local_run)); then
       cmd=("$repo/launch/single_node.sh" "${args[@]}")
     else

@@ -24,13 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import problems  # noqa: E402
 
 from gdreg import gradient_norm_penalty  # noqa: E402
-from gdreg.fullbatch import (  # noqa: E402
-    FullBatchGradient,
-    block_layout,
-    data_mesh,
-    fetch_replicated,
-    replicate,
-)
+from gdreg.fullbatch import FullBatchGradient, block_layout  # noqa: E402
+from gdreg.sharding import data_mesh, fetch_replicated, replicate  # noqa: E402
 
 assert jax.device_count() == 4, jax.devices()
 mesh = data_mesh()

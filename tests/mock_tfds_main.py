@@ -10,9 +10,10 @@ import sys
 import tensorflow_datasets as tfds
 from absl import app
 
-from gdreg import data, main
+from gdreg import main
+from gdreg.data import sources
 
 num_examples = int(sys.argv.pop(1))
-data._download_host_unreachable = lambda url, **kwargs: None
+sources._download_host_unreachable = lambda url, **kwargs: None
 with tfds.testing.mock_data(num_examples=num_examples):
     app.run(lambda argv: sys.exit(main.main(argv)))

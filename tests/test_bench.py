@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_prints_one_line_per_dataset_size():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "gdreg.bench", "--model", "convnet1", "--width", "4"]
-    command += ["--images", "64,128", "--block", "16", "--steps", "2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "gdreg.bench", "--config=configs/resnet18_fb.py:strong"]
+    command += ["--config.model.name=convnet1", "--config.model.width=4"]
+    command += ["--config.train.block_size=16", "--images=64,128", "--steps=2"]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("model=")]
     rows = [dict(field.split("=", 1) for field in line.split()) for line in lines]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gdreg import data
+from gdreg.data import sources
 
 # --------------------------------------------------------------------------------------
 # TFDS (cifar10 / cifar100)
@@ -28,7 +29,7 @@ def mock_tfds(monkeypatch):
     if there were network.
     """
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "_download_host_unreachable", lambda url, **kw: None)
+    monkeypatch.setattr(sources, "_download_host_unreachable", lambda url, **kw: None)
 
     def mock(num_examples):
         return tfds.testing.mock_data(num_examples=num_examples)
@@ -39,15 +40,15 @@ def mock_tfds(monkeypatch):
 @pytest.mark.parametrize(
     ("name", "num_classes", "mean", "std"),
     [
-        ("cifar10", 10, data.CIFAR10_MEAN, data.CIFAR10_STD),
-        ("cifar100", 100, data.CIFAR100_MEAN, data.CIFAR100_STD),
+        ("cifar10", 10, sources.CIFAR10_MEAN, sources.CIFAR10_STD),
+        ("cifar100", 100, sources.CIFAR100_MEAN, sources.CIFAR100_STD),
     ],
 )
 def test_tfds_load_under_mock_data(mock_tfds, tmp_path, name, num_classes, mean, std):
     with mock_tfds(num_examples=40):
         full = data.load_dataset(name, data_dir=str(tmp_path))
         sub = data.load_dataset(name, data_dir=str(tmp_path), train_size=12, test_size=8, seed=3)
-        with pytest.raises(ValueError, match=r"data\.train_size=41"):
+        with pytest.raises(ValueError, match=r"train_size=41"):
             data.load_dataset(name, data_dir=str(tmp_path), train_size=41)
     assert full.name == name
     assert full.train_images.shape == (40, 32, 32, 3)
@@ -121,7 +122,7 @@ def test_tfds_reads_a_prepared_dataset(tmp_path, monkeypatch):
     ds = data.load_dataset("cifar10", data_dir=str(tmp_path), test_size=5)
     assert ds.train_images.shape == (30, 32, 32, 3) and ds.test_images.shape == (5, 32, 32, 3)
     assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
-    assert ds.num_classes == 10 and ds.mean == data.CIFAR10_MEAN
+    assert ds.num_classes == 10 and ds.mean == sources.CIFAR10_MEAN
     np.testing.assert_array_equal(ds.train_images, np.stack([ex["image"] for _, ex in train]))
     np.testing.assert_array_equal(ds.train_labels, [ex["label"] for _, ex in train])
 
@@ -132,7 +133,7 @@ def test_tfds_missing_dataset_without_download_is_fast(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("download=False must not touch the network")
 
-    monkeypatch.setattr(data, "_download_host_unreachable", no_network)
+    monkeypatch.setattr(sources, "_download_host_unreachable", no_network)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
     start = time.monotonic()
     with pytest.raises(data.DatasetNotFoundError) as info:
@@ -148,7 +149,7 @@ def test_tfds_missing_dataset_offline_skips_download(tmp_path, monkeypatch):
     """download=True without network: the probe fails and TFDS's download is never tried."""
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(
-        data, "_download_host_unreachable", lambda url, **kw: "cannot connect (test)"
+        sources, "_download_host_unreachable", lambda url, **kw: "cannot connect (test)"
     )
 
     def no_download(self, *args, **kwargs):
@@ -164,7 +165,7 @@ def test_tfds_missing_dataset_offline_skips_download(tmp_path, monkeypatch):
 
 def test_tfds_failed_download_becomes_dataset_not_found(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "_download_host_unreachable", lambda url, **kw: None)
+    monkeypatch.setattr(sources, "_download_host_unreachable", lambda url, **kw: None)
 
     def failing_download(self, *args, **kwargs):
         raise ConnectionError("simulated\nfailure")
@@ -183,9 +184,9 @@ def test_download_probe_on_loopback(monkeypatch):
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         port = server.getsockname()[1]
-        assert data._download_host_unreachable(f"http://127.0.0.1:{port}/x", timeout=2.0) is None
+        assert sources._download_host_unreachable(f"http://127.0.0.1:{port}/x", timeout=2.0) is None
     # Same port, now closed: connection refused.
-    reason = data._download_host_unreachable(f"http://127.0.0.1:{port}/x", timeout=2.0)
+    reason = sources._download_host_unreachable(f"http://127.0.0.1:{port}/x", timeout=2.0)
     assert reason is not None and "127.0.0.1" in reason
 
 
@@ -242,14 +243,14 @@ def _npz_error(tmp_path, **arrays):
     with pytest.raises(ValueError) as info:
         data.load_dataset("npz", npz_path=_write_npz(tmp_path / "bad.npz", **arrays))
     message = str(info.value)
-    assert "data.npz_path" in message and "\n" not in message
+    assert "npz_path" in message and "\n" not in message
     return message
 
 
 def test_npz_errors_name_the_field(tmp_path):
     arrays = _npz_arrays(np.random.default_rng(2))
     for kwargs in ({}, {"npz_path": None}, {"npz_path": str(tmp_path / "missing.npz")}):
-        with pytest.raises(ValueError, match=r"data\.npz_path"):
+        with pytest.raises(ValueError, match=r"npz_path"):
             data.load_dataset("npz", **kwargs)
     message = _npz_error(tmp_path, **{k: v for k, v in arrays.items() if k != "x_test"})
     assert "x_test" in message
@@ -260,7 +261,7 @@ def test_npz_errors_name_the_field(tmp_path):
     _npz_error(tmp_path, **{**arrays, "x_train": arrays["x_train"] * 2.0})  # float not in [0, 1]
     not_npz = tmp_path / "not.npz"
     not_npz.write_bytes(b"definitely not a zip file")
-    with pytest.raises(ValueError, match=r"data\.npz_path"):
+    with pytest.raises(ValueError, match=r"npz_path"):
         data.load_dataset("npz", npz_path=str(not_npz))
 
 
@@ -278,14 +279,14 @@ def test_subset_is_stratified_deterministic_and_validated(tmp_path):
     np.testing.assert_array_equal(np.bincount(a.train_labels, minlength=4), [5, 5, 5, 5])
     # Normalization statistics come from the whole training set, not the subset.
     assert a.mean == data.load_dataset("npz", npz_path=path).mean
-    with pytest.raises(ValueError, match=r"data\.train_size=-1"):
+    with pytest.raises(ValueError, match=r"train_size=-1"):
         data.load_dataset("npz", npz_path=path, train_size=-1)
-    with pytest.raises(ValueError, match=r"data\.test_size=31"):
+    with pytest.raises(ValueError, match=r"test_size=31"):
         data.load_dataset("npz", npz_path=path, test_size=31)
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(ValueError, match=r"data\.name='mnist'") as info:
+    with pytest.raises(ValueError, match=r"name='mnist'") as info:
         data.load_dataset("mnist")
     assert all(name in str(info.value) for name in data.DATASET_NAMES)
 
@@ -495,13 +496,13 @@ def test_augment_under_jit(base):
 
 def test_augmentation_errors(base):
     images, labels = base
-    with pytest.raises(ValueError, match=r"data\.augmentation='crop'"):
+    with pytest.raises(ValueError, match=r"augmentation='crop'"):
         _augment(images, labels, [0], 0, "crop")
-    with pytest.raises(ValueError, match=r"data\.copies=0"):
+    with pytest.raises(ValueError, match=r"copies=0"):
         _augment(images, labels, [0], 0, "fixed", copies=0)
-    with pytest.raises(ValueError, match=r"data\.augmentation"):
+    with pytest.raises(ValueError, match=r"augmentation"):
         data.virtual_size(N, "flip", 1)
-    with pytest.raises(ValueError, match=r"data\.copies"):
+    with pytest.raises(ValueError, match=r"copies"):
         data.virtual_size(N, "fixed", 0)
 
 

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from gdreg import train
+from gdreg import config as config_lib
+from gdreg import rundir, train
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "digits.py")
 
@@ -22,7 +23,7 @@ def digits_config(variant: str):
 @pytest.mark.parametrize("variant", ["sgd", "fb", "fb_clip", "fb_clip_reg"])
 def test_variants_are_valid_digits_configs(variant):
     config = digits_config(variant)
-    train.validate_config(config)
+    config_lib.validate(config)
     assert config.data.name == "digits"
     assert config.data.flip is False  # a mirrored digit is another symbol
     assert (config.train.mode == "stochastic") == (variant == "sgd")
@@ -42,6 +43,6 @@ def test_fb_clip_reg_reaches_90_percent_test_accuracy(tmp_path):
     record = train.train_and_evaluate(config, str(tmp_path))
     assert record["epoch"] == config.train.epochs
     assert record["test_accuracy"] >= 0.90, record
-    metrics = train.read_metrics(str(tmp_path))
+    metrics = rundir.read_metrics(str(tmp_path))
     assert len(metrics) == config.train.epochs
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gdreg.evaluate import Evaluator, flip_averaged
-from gdreg.fullbatch import data_mesh, replicate
+from gdreg.sharding import data_mesh, replicate
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.normal(size=(11, 4, 4, 1)).astype(np.float32)

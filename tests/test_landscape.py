@@ -12,8 +12,8 @@ import pytest
 from matplotlib import image as mpimg
 from problems import tiny_run_config
 
-from gdreg import landscape, train
-from gdreg.fullbatch import fetch_replicated, replicate
+from gdreg import experiment, landscape, rundir, train
+from gdreg.sharding import fetch_replicated, replicate
 
 
 def tiny_config(epochs: int = 2):
@@ -76,16 +76,16 @@ def test_distance_zero_is_the_checkpoint_training_loss(workdir, tmp_path):
     assert result["loss"][0] > center and result["loss"][2] > center
 
     # the training engine (penalty and all) at the checkpoint, on the layout of epoch 2
-    run = train.build(landscape.load_config(workdir))
+    run = experiment.build(rundir.read_config(workdir))
     state = landscape.load_checkpoint(run, workdir)
-    layout = train.epoch_layouts(run, 2)[0]
+    layout = experiment.epoch_layouts(run, 2)[0]
     assert result["layout"]["blocks"] == layout.shape[0] == 4
     on_mesh = replicate(state, run.mesh)
     metrics = fetch_replicated(
         run.engine(
-            on_mesh["params"],
-            on_mesh["model_state"],
-            on_mesh["penalty_state"],
+            on_mesh.params,
+            on_mesh.model_state,
+            on_mesh.penalty_state,
             run.train_data,
             layout,
             2,
@@ -98,7 +98,7 @@ def test_distance_zero_is_the_checkpoint_training_loss(workdir, tmp_path):
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
     train.train_and_evaluate(tiny_config(epochs=3), resumed)
-    record = train.read_metrics(resumed)[-1]
+    record = rundir.read_metrics(resumed)[-1]
     assert record["epoch"] == 3
     assert center == pytest.approx(record["train_loss"], rel=1e-5)
 
@@ -134,10 +134,10 @@ def test_stochastic_runs_use_the_epoch_minibatches_as_blocks():
     config = tiny_config()
     config.train.mode = "stochastic"
     config.train.batch_size = 48
-    run = train.build(config)
+    run = experiment.build(config)
     layout = landscape.landscape_layout(run, 5)
     assert layout.shape == (2, 48)  # 128 // 48 minibatch steps
-    np.testing.assert_array_equal(layout, np.concatenate(train.epoch_layouts(run, 5)))
+    np.testing.assert_array_equal(layout, np.concatenate(experiment.epoch_layouts(run, 5)))
 
 
 def test_clear_errors(tmp_path, capsys):

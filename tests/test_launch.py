@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gdreg import distributed
+from gdreg import distributed, exitcodes
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -390,31 +390,37 @@ def test_missing_process_times_out_with_one_line(processes, tmp_path):
     args[-1] = "--initialization_timeout=3"
     proc = processes.start("process0", args, _env(2))
     codes = processes.wait(90)
-    assert codes == {"process0": distributed.JOIN_TIMEOUT_EXIT_CODE}, processes.logs()
+    assert codes == {"process0": exitcodes.JOIN_TIMEOUT}, processes.logs()
     log = processes.log("process0")
     assert "error: process 0 of 2 (coordinator 127.0.0.1:" in log
     assert "not all processes joined within 3 s" in log
     assert "Check failure" not in log and "Traceback" not in log
-    assert proc.returncode == distributed.JOIN_TIMEOUT_EXIT_CODE
+    assert proc.returncode == exitcodes.JOIN_TIMEOUT
 
 
 # ----- launcher scripts without training -----------------------------------------------------
 
 
-def test_paper_table_submits_every_row_and_seed(tmp_path):
-    env = _env(1, SEEDS="2", RUNS_DIR=str(tmp_path / "runs"))
+def _paper_table_dry_run(*args: str, **env: str) -> list[str]:
+    """The commands ``paper_table.sh --dry-run ARGS`` prints, one per line."""
     result = subprocess.run(
-        [str(LAUNCH / "paper_table.sh"), "--dry-run", "--config.data.name=synthetic"],
-        env=env,
+        [str(LAUNCH / "paper_table.sh"), "--dry-run", *args],
+        env=_env(1, **env),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
+    return result.stdout.splitlines()
+
+
+def test_paper_table_submits_every_row_and_seed(tmp_path):
     from gdreg.config import PAPER_ROWS
 
-    lines = result.stdout.splitlines()
+    lines = _paper_table_dry_run(
+        "--config.data.name=synthetic", SEEDS="2", RUNS_DIR=str(tmp_path / "runs")
+    )
     assert len(lines) == 2 * len(PAPER_ROWS)
     for row in PAPER_ROWS:
         for seed in (0, 1):
@@ -422,6 +428,13 @@ def test_paper_table_submits_every_row_and_seed(tmp_path):
             assert line.startswith(f"sbatch --job-name=gdreg-resnet18_fb-{row}-s{seed} ")
             assert f"configs/resnet18_fb.py:{row} " in line and f"--config.seed={seed} " in line
             assert line.rstrip().endswith("--config.data.name=synthetic")
+
+
+def test_paper_table_takes_any_model_through_the_paper_config(tmp_path):
+    (line,) = _paper_table_dry_run(MODEL="resnet50", ROWS="strong", RUNS_DIR=str(tmp_path / "r"))
+    assert line.startswith("sbatch --job-name=gdreg-resnet50-strong-s0 ")
+    assert "--config configs/paper.py:resnet50\\,strong " in line
+    assert "/r/resnet50/strong/seed0 " in line
 
 
 def test_paper_table_local_runs_sequentially(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from matplotlib import image as mpimg
 from problems import tiny_run_config
 
-from gdreg import report, train
+from gdreg import report, rundir, train
 from gdreg.config import apply_row, base_config
 
 
@@ -49,9 +49,10 @@ def parse_table(table: str) -> list[dict[str, str]]:
     ]
 
 
-def test_constants_match_the_training_loop():
-    assert report.METRICS_FILE == train.METRICS_FILE
-    assert report.CONFIG_FILE == train.CONFIG_FILE
+def test_the_report_reads_what_the_training_loop_writes(runs):
+    for path in runs:
+        assert [r["epoch"] for r in rundir.read_metrics(path)] == [1, 2, 3]
+        assert rundir.read_config(path).to_dict() == tiny_config(os.path.basename(path)).to_dict()
 
 
 def test_report_of_two_runs(runs, tmp_path, capsys):
@@ -73,7 +74,7 @@ def test_report_of_two_runs(runs, tmp_path, capsys):
     assert sgd["Steps"] == "12" and fb["Steps"] == "3"  # 128 // 32 steps per epoch
     assert sgd["Modifications"] == "clip" and fb["Modifications"] == "clip+bs64"
     for row, path in zip(rows, runs, strict=True):
-        final = train.read_metrics(path)[-1]
+        final = rundir.read_metrics(path)[-1]
         assert final["epoch"] == 3
         assert row["Test accuracy (%)"] == f"{100 * final['test_accuracy']:.2f}"
         assert row["Seeds"] == "1"
@@ -186,3 +187,12 @@ def test_clear_one_line_errors(tmp_path, capsys):
         handle.write('{"epoch": 1}\n')
     assert report.main([str(tmp_path / "noconfig")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_reading_runs_needs_no_jax():
+    """The report and the run directory's reader load without JAX (fast on a login node)."""
+    import subprocess
+    import sys
+
+    code = "import sys, gdreg.report; assert 'jax' not in sys.modules, 'jax was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

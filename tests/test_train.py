@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 from problems import tiny_run_config
 
-from gdreg import train
+from gdreg import config as config_lib
+from gdreg import experiment, rundir, train
 from gdreg.config import paper_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def strip_timing(records):
 
 
 def restore_params(workdir, epoch):
-    path = os.path.join(os.path.abspath(workdir), train.CHECKPOINT_DIR)
+    path = os.path.join(os.path.abspath(workdir), rundir.CHECKPOINT_DIR)
     with ocp.CheckpointManager(path) as manager:
         restored = manager.restore(epoch, args=ocp.args.StandardRestore())
     return jax.tree.map(np.asarray, restored["params"])
@@ -96,7 +97,7 @@ def test_quick_config_runs_from_the_command_line_on_synthetic_data(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: epoch 2" in result.stdout
-    records = train.read_metrics(workdir)
+    records = rundir.read_metrics(workdir)
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
@@ -127,7 +128,7 @@ def test_quick_config_runs_from_the_command_line_on_tfds_mock_data(tmp_path):
     ]
     result = run_main(command)
     assert result.returncode == 0, result.stderr[-3000:]
-    (record,) = train.read_metrics(workdir)
+    (record,) = rundir.read_metrics(workdir)
     assert record["images"] == 64 and "test_accuracy" in record
     assert os.listdir(workdir / "checkpoints") == ["1"]
 
@@ -146,19 +147,19 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     real_run_epoch = train.run_epoch
 
     def dies_in_epoch_four(run, state, apply_update):
-        if int(jax.device_get(state["epoch"])) == 3:
+        if int(jax.device_get(state.epoch)) == 3:
             raise SimulatedKill  # after epoch 3's metrics, with the last checkpoint at 2
         return real_run_epoch(run, state, apply_update)
 
     monkeypatch.setattr(train, "run_epoch", dies_in_epoch_four)
     with pytest.raises(SimulatedKill):
         train.train_and_evaluate(config, str(tmp_path / "killed"))
-    assert [r["epoch"] for r in train.read_metrics(tmp_path / "killed")] == [1, 2, 3]
+    assert [r["epoch"] for r in rundir.read_metrics(tmp_path / "killed")] == [1, 2, 3]
     monkeypatch.setattr(train, "run_epoch", real_run_epoch)
     resumed = train.train_and_evaluate(config, str(tmp_path / "killed"))
 
-    assert strip_timing(train.read_metrics(tmp_path / "killed")) == strip_timing(
-        train.read_metrics(tmp_path / "whole")
+    assert strip_timing(rundir.read_metrics(tmp_path / "killed")) == strip_timing(
+        rundir.read_metrics(tmp_path / "whole")
     )
     assert strip_timing([resumed]) == strip_timing([whole])
     a, b = restore_params(tmp_path / "whole", 4), restore_params(tmp_path / "killed", 4)
@@ -173,7 +174,7 @@ def test_sigterm_checkpoints_and_a_rerun_finishes_the_same_run(tmp_path):
     process = subprocess.Popen(
         main_command(workdir, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    metrics = workdir / train.METRICS_FILE
+    metrics = workdir / rundir.METRICS_FILE
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().strip()):
         assert process.poll() is None and time.monotonic() < deadline, "no epoch finished"
@@ -181,7 +182,7 @@ def test_sigterm_checkpoints_and_a_rerun_finishes_the_same_run(tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr.decode()[-3000:]
-    stopped_at = len(train.read_metrics(workdir))
+    stopped_at = len(rundir.read_metrics(workdir))
     assert 1 <= stopped_at < epochs
     assert os.listdir(workdir / "checkpoints") == [str(stopped_at)]
 
@@ -189,8 +190,8 @@ def test_sigterm_checkpoints_and_a_rerun_finishes_the_same_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     uninterrupted = run_main(main_command(tmp_path / "whole", *args))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-    assert strip_timing(train.read_metrics(workdir)) == strip_timing(
-        train.read_metrics(tmp_path / "whole")
+    assert strip_timing(rundir.read_metrics(workdir)) == strip_timing(
+        rundir.read_metrics(tmp_path / "whole")
     )
 
 
@@ -201,11 +202,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config.checkpoint.every_epochs = 1
     with pytest.raises(train.TrainingDivergedError, match="non-finite"):
         train.train_and_evaluate(config, str(tmp_path))
-    records = train.read_metrics(tmp_path)
+    records = rundir.read_metrics(tmp_path)
     last = max(int(name) for name in os.listdir(tmp_path / "checkpoints"))
     assert last == len(records)
     params = restore_params(tmp_path, last)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_full_strength_trains_end_to_end(tmp_path):
+    """penalty.full_strength > 0 reaches the engine with the full gradient (it used to raise)."""
+    records = {}
+    for full_strength in (0.0, 2.0):
+        config = tiny_config(penalty__full_strength=full_strength, train__epochs=3)
+        workdir = str(tmp_path / f"full{full_strength}")
+        train.train_and_evaluate(config, workdir)
+        records[full_strength] = rundir.read_metrics(workdir)
+    plain, with_full = records[0.0], records[2.0]
+    assert all(np.isfinite(r["train_loss"]) for r in with_full)
+    # The first update is at lr 0 (warmup starts at 0), so the penalty first acts in the
+    # second update, which the loss of epoch 3 shows.
+    assert plain[1]["train_loss"] == with_full[1]["train_loss"]
+    assert abs(plain[2]["train_loss"] - with_full[2]["train_loss"]) > 1e-4
 
 
 # ----- stochastic mode ----------------------------------------------------------------------
@@ -213,36 +230,39 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_stochastic_epoch_visits_every_training_image_once():
     config = tiny_config(train__mode="stochastic", train__batch_size=16)
-    run = train.build(config)
+    run = experiment.build(config)
     for epoch in (0, 1):
-        layouts = train.epoch_layouts(run, epoch)
+        layouts = experiment.epoch_layouts(run, epoch)
         assert len(layouts) == 128 // 16 and all(layout.shape == (1, 16) for layout in layouts)
         np.testing.assert_array_equal(np.sort(np.concatenate(layouts).ravel()), np.arange(128))
-    assert not np.array_equal(train.epoch_layouts(run, 0)[0], train.epoch_layouts(run, 1)[0])
+    assert not np.array_equal(
+        experiment.epoch_layouts(run, 0)[0], experiment.epoch_layouts(run, 1)[0]
+    )
 
 
 def test_stochastic_run_trains(tmp_path):
     config = tiny_config(train__mode="stochastic", train__batch_size=32, train__epochs=3)
     train.train_and_evaluate(config, str(tmp_path))
-    records = train.read_metrics(tmp_path)
+    records = rundir.read_metrics(tmp_path)
     assert [r["images"] for r in records] == [128, 128, 128]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
 
 
 def test_full_batch_shuffle_redraws_blocks_each_epoch():
-    run = train.build(tiny_config(train__shuffle_blocks=True))
-    first, second = train.epoch_layouts(run, 0)[0], train.epoch_layouts(run, 1)[0]
+    run = experiment.build(tiny_config(train__shuffle_blocks=True))
+    first, second = experiment.epoch_layouts(run, 0)[0], experiment.epoch_layouts(run, 1)[0]
     assert first.shape == second.shape == (4, 32) and not np.array_equal(first, second)
     np.testing.assert_array_equal(np.sort(first.ravel()), np.arange(128))
-    fixed = train.build(tiny_config())
+    fixed = experiment.build(tiny_config())
     np.testing.assert_array_equal(
-        train.epoch_layouts(fixed, 0)[0], train.epoch_layouts(fixed, 5)[0]
+        experiment.epoch_layouts(fixed, 0)[0], experiment.epoch_layouts(fixed, 5)[0]
     )
 
 
 # ----- the paper's configs ------------------------------------------------------------------
 
-# REFERENCE.md: (mode, epochs, lr, warmup, cosine horizon, clip, strength, block, shuffle)
+# Geiping et al. (2022), Tables 1-2 and the authors' configs: (mode, epochs, lr, warmup, cosine
+# horizon, clip, strength, block, shuffle)
 PAPER_VALUES = {
     "sgd": ("stochastic", 300, 0.1, 5, 300, 0.0, 0.0, None, False),
     "fb_baseline": ("fullbatch", 300, 0.1, 5, 300, 0.0, 0.0, 128, False),
@@ -278,7 +298,7 @@ def test_paper_row_configs_carry_the_reference_hyperparameters(row):
     else:
         assert config.train.block_size == block
     assert config.data.augmentation == "random"
-    train.validate_config(config)
+    config_lib.validate(config)
 
 
 def test_fixed_dataset_rows():
@@ -322,8 +342,8 @@ def test_npz_with_mismatched_lengths_names_the_field(tmp_path):
         y_test=np.zeros(4, np.int32),
     )
     config = tiny_config(data__name="npz", data__npz_path=str(path))
-    with pytest.raises(train.ConfigError, match=r"data\.npz_path") as error:
-        train.build(config)
+    with pytest.raises(config_lib.ConfigError, match=r"data\.npz_path") as error:
+        experiment.build(config)
     assert "\n" not in str(error.value)
 
 
@@ -331,12 +351,12 @@ def test_npz_with_mismatched_lengths_names_the_field(tmp_path):
 def test_second_table_configs_share_the_resnet18_rows(model):
     import importlib.util
 
-    path = os.path.join(REPO, "configs", f"{model}_fb.py")
-    spec = importlib.util.spec_from_file_location(f"{model}_fb", path)
+    path = os.path.join(REPO, "configs", "paper.py")
+    spec = importlib.util.spec_from_file_location("paper", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for row in PAPER_VALUES:
-        config = module.get_config(row)
+        config = module.get_config(f"{model},{row}")
         assert config.model.name == model
         expected = paper_config("resnet18", row)
         expected.model.name = model

@@ -36,15 +36,13 @@ def register_model(name: str, factory: ModelFactory, *, overwrite: bool = False)
     unless ``overwrite=True``; registering the same factory object again is a no-op.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model.name must be a non-empty string, got {name!r}")
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise TypeError(f"model factory for {name!r} must be callable, got {factory!r}")
     key = _normalize(name)
     existing = _REGISTRY.get(key)
     if existing is not None and existing is not factory and not overwrite:
-        raise ValueError(
-            f"model.name {name!r} is already registered; pass overwrite=True to replace it"
-        )
+        raise ValueError(f"name {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = factory
 
 
@@ -57,9 +55,9 @@ def _check_dtype(dtype: str | Any) -> jnp.dtype:
     try:
         dt = jnp.dtype(dtype)
     except TypeError as err:
-        raise ValueError(f"model.dtype: unknown dtype {dtype!r}") from err
+        raise ValueError(f"dtype: unknown dtype {dtype!r}") from err
     if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"model.dtype must be a floating dtype (float32, bfloat16), got {dt}")
+        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16), got {dt}")
     return dt
 
 
@@ -82,11 +80,11 @@ def create_model(
     """
     key = _normalize(name) if isinstance(name, str) else None
     if key not in _REGISTRY:
-        raise ValueError(f"model.name: unknown model {name!r}; known models: {model_names()}")
+        raise ValueError(f"name: unknown model {name!r}; known models: {model_names()}")
     if not _is_positive_int(num_classes):
-        raise ValueError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if width is not None and not _is_positive_int(width):
-        raise ValueError(f"model.width must be a positive integer or None, got {width!r}")
+        raise ValueError(f"width must be a positive integer or None, got {width!r}")
     return _REGISTRY[key](
         num_classes=int(num_classes),
         width=None if width is None else int(width),

@@ -1,7 +1,5 @@
-"""Data loading (host, numpy) and data augmentation (device, pure JAX).
+"""Datasets in host memory (numpy): CIFAR through TensorFlow Datasets, npz, synthetic, digits.
 
-Loading
--------
 :func:`load_dataset` returns a :class:`Dataset` of uint8 NHWC images and int32 labels held
 in host memory. Sources (``DATASET_NAMES``):
 
@@ -14,53 +12,23 @@ in host memory. Sources (``DATASET_NAMES``):
 * ``synthetic``: seeded random images whose labels are learnable (class prototypes).
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download).
 
-Augmentation
-------------
-The whole base training set lives on the device (uint8) and :func:`augment` produces the
-augmented views of any set of *virtual* indices. Each view is a function of
-``(key, step, v)`` only (``"random"``) or of ``(key, v)`` only (``"fixed"``), never of the
-batch, the device or the number of devices that processes it:
-
-* ``"none"``: virtual size N, view v is base image v.
-* ``"random"``: virtual size N, view v is base image v, zero-padded by ``padding`` pixels
-  on each side, cropped back to the original size at offsets uniform in
-  ``[0, 2 * padding]``, and flipped horizontally with probability 1/2 (if ``flip``), all
-  drawn from ``fold_in(fold_in(key, step), v)``: a fresh augmentation every step.
-* ``"fixed"``: virtual size ``N * copies``, view v is base image ``v % N`` with a crop and
-  flip drawn from ``fold_in(key, v)``: the paper's fixed "N x CIFAR" dataset, without
-  ever materializing the copies. Every copy is augmented (copy 0 included).
+Nothing here imports JAX: the images go to the devices in :mod:`gdreg.experiment`, and are
+augmented there by :mod:`gdreg.data.augment`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import socket
 import threading
 import urllib.parse
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-__all__ = [
-    "AUGMENTATIONS",
-    "DATASET_NAMES",
-    "Dataset",
-    "DatasetNotFoundError",
-    "augment",
-    "augmentation_params",
-    "crop_and_flip",
-    "load_dataset",
-    "normalize",
-    "virtual_size",
-]
-
 DATASET_NAMES = ("cifar10", "cifar100", "npz", "synthetic", "digits")
-AUGMENTATIONS = ("none", "random", "fixed")
 
 # Per-channel statistics in [0, 1] units. CIFAR-10: the reference implementation's figures.
 CIFAR10_MEAN = (0.4915, 0.4823, 0.4468)
@@ -153,8 +121,8 @@ def load_dataset(
         download and prepare it (needs network). ``False`` fails at once instead.
 
     Raises:
-      ValueError: an invalid argument; the message names the config field
-        (``data.name``, ``data.npz_path``, ``data.train_size``, ...).
+      ValueError: an invalid argument; the message starts with the argument's name
+        (``name``, ``npz_path``, ``train_size``, ...).
       DatasetNotFoundError: a TFDS dataset is missing and could not be downloaded.
     """
     if name in _TFDS_DATASETS:
@@ -181,12 +149,10 @@ def load_dataset(
         num_classes = 10
         mean, std = _channel_stats(train_x)
     else:
-        raise ValueError(
-            f"data.name={name!r} is not a known dataset; choose one of {DATASET_NAMES}"
-        )
+        raise ValueError(f"name={name!r} is not a known dataset; choose one of {DATASET_NAMES}")
 
-    train_x, train_y = _subset(train_x, train_y, train_size, seed=seed, field="data.train_size")
-    test_x, test_y = _subset(test_x, test_y, test_size, seed=seed + 1, field="data.test_size")
+    train_x, train_y = _subset(train_x, train_y, train_size, seed=seed, field="train_size")
+    test_x, test_y = _subset(test_x, test_y, test_size, seed=seed + 1, field="test_size")
     return Dataset(
         name=name,
         train_images=train_x,
@@ -360,31 +326,29 @@ def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     integer images must lie in 0..255. Labels: integers ``[N]`` (or ``[N, 1]``), >= 0.
     """
     if not npz_path:
-        raise ValueError("data.npz_path must be set when data.name='npz'")
+        raise ValueError("npz_path must be set for the npz dataset")
     path = os.path.expanduser(os.fspath(npz_path))
     if not os.path.isfile(path):
-        raise ValueError(f"data.npz_path={npz_path!r}: file not found")
+        raise ValueError(f"npz_path={npz_path!r}: file not found")
     keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, EOFError, ValueError) as e:  # not an npz/npy file, or pickled
-        raise ValueError(
-            f"data.npz_path={npz_path!r}: cannot read it as .npz ({_one_line(e)})"
-        ) from e
+        raise ValueError(f"npz_path={npz_path!r}: cannot read it as .npz ({_one_line(e)})") from e
     if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError(f"data.npz_path={npz_path!r}: holds a single array, not an .npz archive")
+        raise ValueError(f"npz_path={npz_path!r}: holds a single array, not an .npz archive")
     with loaded as f:
         missing = [k for k in keys if k not in f.files]
         if missing:
             raise ValueError(
-                f"data.npz_path={npz_path!r} lacks key(s) {missing}; "
+                f"npz_path={npz_path!r} lacks key(s) {missing}; "
                 f"expected {list(keys)}, found {sorted(f.files)}"
             )
         try:
             arrays = {k: np.asarray(f[k]) for k in keys}
         except ValueError as e:  # an object (pickled) array
             raise ValueError(
-                f"data.npz_path={npz_path!r}: cannot read its arrays ({_one_line(e)})"
+                f"npz_path={npz_path!r}: cannot read its arrays ({_one_line(e)})"
             ) from e
     out = []
     for split in ("train", "test"):
@@ -392,13 +356,13 @@ def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         y = _npz_labels(arrays[f"y_{split}"], npz_path, f"y_{split}")
         if x.shape[0] != y.shape[0]:
             raise ValueError(
-                f"data.npz_path={npz_path!r}: x_{split} has {x.shape[0]} images but "
+                f"npz_path={npz_path!r}: x_{split} has {x.shape[0]} images but "
                 f"y_{split} has {y.shape[0]} labels"
             )
         out += [x, y]
     if out[0].shape[1:] != out[2].shape[1:]:
         raise ValueError(
-            f"data.npz_path={npz_path!r}: x_train images are {out[0].shape[1:]} but x_test "
+            f"npz_path={npz_path!r}: x_train images are {out[0].shape[1:]} but x_test "
             f"images are {out[2].shape[1:]}"
         )
     return out[0], out[1], out[2], out[3]
@@ -409,25 +373,25 @@ def _npz_images(x: np.ndarray, npz_path: str, key: str) -> np.ndarray:
         x = x[..., None]
     if x.ndim != 4:
         raise ValueError(
-            f"data.npz_path={npz_path!r}: {key} must be [N, H, W, C] or [N, H, W], got shape {x.shape}"
+            f"npz_path={npz_path!r}: {key} must be [N, H, W, C] or [N, H, W], got shape {x.shape}"
         )
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if np.issubdtype(x.dtype, np.floating):
         if x.size and (not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0):
             raise ValueError(
-                f"data.npz_path={npz_path!r}: float {key} must lie in [0, 1], "
+                f"npz_path={npz_path!r}: float {key} must lie in [0, 1], "
                 f"got [{np.nanmin(x)}, {np.nanmax(x)}]"
             )
         return np.round(x.astype(np.float64) * 255.0).astype(np.uint8)
     if np.issubdtype(x.dtype, np.integer):
         if x.size and (x.min() < 0 or x.max() > 255):
             raise ValueError(
-                f"data.npz_path={npz_path!r}: integer {key} must lie in 0..255, "
+                f"npz_path={npz_path!r}: integer {key} must lie in 0..255, "
                 f"got [{x.min()}, {x.max()}]"
             )
         return x.astype(np.uint8)
-    raise ValueError(f"data.npz_path={npz_path!r}: {key} has unsupported dtype {x.dtype}")
+    raise ValueError(f"npz_path={npz_path!r}: {key} has unsupported dtype {x.dtype}")
 
 
 def _npz_labels(y: np.ndarray, npz_path: str, key: str) -> np.ndarray:
@@ -435,10 +399,10 @@ def _npz_labels(y: np.ndarray, npz_path: str, key: str) -> np.ndarray:
         y = y[:, 0]
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
         raise ValueError(
-            f"data.npz_path={npz_path!r}: {key} must be integer labels [N], got {y.dtype} {y.shape}"
+            f"npz_path={npz_path!r}: {key} must be integer labels [N], got {y.dtype} {y.shape}"
         )
     if y.size and y.min() < 0:
-        raise ValueError(f"data.npz_path={npz_path!r}: {key} has negative labels")
+        raise ValueError(f"npz_path={npz_path!r}: {key} has negative labels")
     return y.astype(np.int32)
 
 
@@ -453,13 +417,13 @@ def _make_synthetic(
     """
     h, w, c = (int(d) for d in shape)
     if min(h, w, c) < 1:
-        raise ValueError(f"data.synthetic_shape={tuple(shape)} must be positive")
+        raise ValueError(f"synthetic_shape={tuple(shape)} must be positive")
     if num_classes < 1:
-        raise ValueError(f"data.synthetic_num_classes={num_classes} must be >= 1")
+        raise ValueError(f"synthetic_num_classes={num_classes} must be >= 1")
     if train_size < 1 or test_size < 0:
         raise ValueError(
-            f"data.synthetic_train_size={train_size} must be >= 1 and "
-            f"data.synthetic_test_size={test_size} >= 0"
+            f"synthetic_train_size={train_size} must be >= 1 and "
+            f"synthetic_test_size={test_size} >= 0"
         )
     rng = np.random.default_rng(seed)
     cell = 4
@@ -508,159 +472,3 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     is_test = np.zeros(n, dtype=bool)
     is_test[test_idx] = True
     return x[~is_test], y[~is_test], x[is_test], y[is_test]
-
-
-# --------------------------------------------------------------------------------------
-# Device side: normalization and augmentation
-# --------------------------------------------------------------------------------------
-
-
-def normalize(
-    images: jax.Array, mean: Sequence[float], std: Sequence[float], dtype=jnp.float32
-) -> jax.Array:
-    """uint8 images ``[..., C]`` -> ``(x / 255 - mean) / std`` in ``dtype``.
-
-    Computed in float32, then cast to ``dtype``.
-    """
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    return ((x - mean) / std).astype(dtype)
-
-
-def _check_augmentation(augmentation: str, copies: int) -> None:
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(
-            f"data.augmentation={augmentation!r} is not known; choose one of {AUGMENTATIONS}"
-        )
-    if int(copies) < 1:
-        raise ValueError(f"data.copies={copies} must be >= 1")
-
-
-def virtual_size(num_images: int, augmentation: str, copies: int) -> int:
-    """Size of the virtual training set: ``num_images * copies`` for "fixed", else N.
-
-    ``copies`` is validated (>= 1) but only used by "fixed".
-    """
-    _check_augmentation(augmentation, copies)
-    return int(num_images) * (int(copies) if augmentation == "fixed" else 1)
-
-
-def _view_keys(key: jax.Array, step: jax.Array, virtual_indices: jax.Array, augmentation: str):
-    """One PRNG key per virtual index: ``fold_in(fold_in(key, step), v)`` or ``fold_in(key, v)``."""
-    base = jax.random.fold_in(key, step) if augmentation == "random" else key
-    return jax.vmap(lambda v: jax.random.fold_in(base, v))(virtual_indices)
-
-
-def _check_padding(padding: int) -> None:
-    if int(padding) < 0:
-        raise ValueError(f"data.padding={padding} must be >= 0")
-
-
-def augmentation_params(
-    key: jax.Array,
-    step: jax.Array,
-    virtual_indices: jax.Array,
-    *,
-    augmentation: str,
-    padding: int = 4,
-    flip: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The crop offsets and flips that :func:`augment` applies to ``virtual_indices``.
-
-    Returns ``(dy, dx, flipped)``: int32 ``[n]`` offsets of the crop's top-left corner in
-    the zero-padded image (``[0, 2 * padding]``; ``padding`` = no shift) and bool ``[n]``.
-    For "none" that is ``(padding, padding, False)``. The view of v is
-    ``padded[dy:dy + H, dx:dx + W]``, then mirrored left-right if ``flipped``.
-    """
-    _check_augmentation(augmentation, 1)
-    _check_padding(padding)
-    return _augmentation_params(
-        key,
-        jnp.asarray(step, jnp.int32),
-        jnp.asarray(virtual_indices, jnp.int32),
-        augmentation=augmentation,
-        padding=int(padding),
-        flip=bool(flip),
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("augmentation", "padding", "flip"))
-def _augmentation_params(key, step, virtual_indices, *, augmentation, padding, flip):
-    n = virtual_indices.shape[0]
-    if augmentation == "none":
-        offset = jnp.full((n,), padding, jnp.int32)
-        return offset, offset, jnp.zeros((n,), bool)
-    keys = _view_keys(key, step, virtual_indices, augmentation)
-
-    def draw(k):
-        # One threefry call per view (cheap to compile and run): three uint32 words give
-        # dy, dx (uniform in [0, 2 * padding] up to a modulo bias below 1e-8) and the flip.
-        bits = jax.random.bits(k, (3,), jnp.uint32)
-        dy, dx = (bits[:2] % jnp.uint32(2 * padding + 1)).astype(jnp.int32)
-        flipped = (bits[2] >> 31).astype(bool) if flip else jnp.zeros((), bool)
-        return dy, dx, flipped
-
-    return jax.vmap(draw)(keys)
-
-
-def crop_and_flip(
-    images: jax.Array, dy: jax.Array, dx: jax.Array, flipped: jax.Array, *, padding: int
-) -> jax.Array:
-    """Zero-pads ``images [n, H, W, C]`` by ``padding``, crops ``H x W`` at ``(dy, dx)``, flips."""
-    _, h, w, c = images.shape
-    if padding > 0:
-        padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        images = jax.vmap(lambda img, y, x: jax.lax.dynamic_slice(img, (y, x, 0), (h, w, c)))(
-            padded, dy, dx
-        )
-    return jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images)
-
-
-def augment(
-    images: jax.Array,
-    labels: jax.Array,
-    virtual_indices: jax.Array,
-    step: jax.Array,
-    *,
-    key: jax.Array,
-    augmentation: str,
-    copies: int = 1,
-    padding: int = 4,
-    flip: bool = True,
-) -> tuple[jax.Array, jax.Array]:
-    """Augmented views (uint8) and labels of ``virtual_indices`` (int32 ``[n]``).
-
-    ``images`` uint8 ``[N, H, W, C]`` and ``labels`` ``[N]`` are the whole base training
-    set. View v shows base image ``v % N`` (for "none"/"random" v < N is expected); see
-    the module docstring for how each mode draws its crop and flip. ``augmentation``,
-    ``copies``, ``padding`` and ``flip`` are static; ``step`` and ``key`` may be traced.
-    ``copies`` is only validated here (the caller draws v below ``virtual_size``).
-    The work is a jitted function (compiled once per shape when called eagerly, inlined
-    when called under an outer ``jit``/``shard_map``).
-    """
-    _check_augmentation(augmentation, copies)
-    _check_padding(padding)
-    return _augment(
-        images,
-        labels,
-        jnp.asarray(virtual_indices, jnp.int32),
-        jnp.asarray(step, jnp.int32),
-        key,
-        augmentation=augmentation,
-        padding=int(padding),
-        flip=bool(flip),
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("augmentation", "padding", "flip"))
-def _augment(images, labels, virtual_indices, step, key, *, augmentation, padding, flip):
-    base = virtual_indices % images.shape[0]
-    views = jnp.take(images, base, axis=0)
-    out_labels = jnp.take(labels, base, axis=0)
-    if augmentation == "none":
-        return views, out_labels
-    dy, dx, flipped = _augmentation_params(
-        key, step, virtual_indices, augmentation=augmentation, padding=padding, flip=flip
-    )
-    return crop_and_flip(views, dy, dx, flipped, padding=padding), out_labels

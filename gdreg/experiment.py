@@ -1,0 +1,327 @@
+"""A run assembled from its config: data on the devices, model, optimizer, penalty, engine.
+
+The only module that turns config fields into library calls. :func:`build` validates the
+config (:func:`gdreg.config.validate`), loads the data and puts together the pieces, each from
+its own function (:func:`load_data`, :func:`make_model`, :func:`make_optimizer`,
+:func:`make_batch_fns`, :func:`make_engine`, :func:`make_evaluator`), into a :class:`Run`.
+:mod:`gdreg.train` runs the epochs; :mod:`gdreg.landscape` and :mod:`gdreg.bench` use the same
+run to scan the loss and to time a step.
+
+Units: one *epoch* is one pass over the training set. In full-batch mode it is one optimizer
+step on the exact gradient over all blocks; in stochastic mode it is ``N // batch_size``
+minibatch steps over a fresh permutation (the SGD baseline), each minibatch a single block of
+the same engine. The learning-rate schedule moves once per epoch in both modes, as in the
+reference implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from gdreg import config as config_lib
+from gdreg import data
+from gdreg.evaluate import Evaluator, flip_averaged
+from gdreg.fullbatch import FullBatchGradient, block_layout
+from gdreg.models import create_model
+from gdreg.optim import learning_rate_schedule, sgd_chain
+from gdreg.penalty import GradientNormPenaltyState, gradient_norm_penalty
+from gdreg.sharding import data_mesh, replicate
+from gdreg.types import BatchFn, LossFn, PredictFn, PyTree
+
+
+class TrainState(NamedTuple):
+    """Everything a checkpoint holds: the state after ``epoch`` completed epochs."""
+
+    epoch: Any  # int32 scalar
+    params: PyTree
+    model_state: PyTree  # BatchNorm statistics ({} for models without)
+    opt_state: optax.OptState
+    # The penalty is always part of the run; with penalty.strength = full_strength = 0 it
+    # passes the gradient through unchanged and only counts steps.
+    penalty_state: GradientNormPenaltyState
+
+
+class Optimizer(NamedTuple):
+    """The learning-rate schedule, the optax chain it drives, and the per-block penalty."""
+
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    penalty: optax.GradientTransformationExtraArgs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """Everything built from the config before the first step."""
+
+    config: ml_collections.ConfigDict
+    dataset: data.Dataset
+    mesh: Mesh
+    model: nn.Module
+    optimizer: Optimizer
+    engine: FullBatchGradient
+    evaluator: Evaluator
+    train_data: PyTree  # {"images", "labels"} of the training set, replicated on the mesh
+    test_data: PyTree
+    num_virtual_images: int  # the training set as augmentation sees it (N x copies)
+    steps_per_epoch: int
+
+
+# ----- the pieces ---------------------------------------------------------------------------
+
+
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+    """The dataset named by ``config.data``, in host memory."""
+    fields = config.data
+    with config_lib.blame("data"):
+        return data.load_dataset(
+            fields.name,
+            data_dir=fields.data_dir,
+            download=fields.download,
+            npz_path=fields.npz_path or None,
+            train_size=fields.train_size,
+            test_size=fields.test_size,
+            seed=config.seed,
+            synthetic_shape=tuple(fields.synthetic_shape),
+            synthetic_num_classes=fields.synthetic_num_classes,
+            synthetic_train_size=fields.synthetic_train_size,
+            synthetic_test_size=fields.synthetic_test_size,
+        )
+
+
+def make_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The model of ``config.model`` with ``num_classes`` outputs."""
+    with config_lib.blame("model"):
+        return create_model(
+            config.model.name,
+            num_classes=num_classes,
+            width=config.model.width or None,
+            dtype=config.model.dtype,
+        )
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Optimizer:
+    """The schedule and optax chain of ``config.optim`` and the penalty of ``config.penalty``.
+
+    The penalty follows the same schedule (its coefficient is ``strength * lr_t / 4``).
+    """
+    optim = config.optim
+    with config_lib.blame("optim"):
+        schedule = learning_rate_schedule(
+            base_lr=optim.lr,
+            schedule=optim.schedule,
+            warmup_epochs=optim.warmup_epochs,
+            cosine_epochs=optim.cosine_epochs,
+            steps_per_epoch=steps_per_epoch,
+        )
+        tx = sgd_chain(
+            schedule,
+            momentum=optim.momentum,
+            nesterov=optim.nesterov,
+            weight_decay=optim.weight_decay,
+            clip_norm=optim.clip_norm,
+        )
+    with config_lib.blame("penalty"):
+        penalty = gradient_norm_penalty(
+            strength=config.penalty.strength,
+            learning_rate=schedule,
+            eps=config.penalty.eps,
+            method=config.penalty.method,
+            full_strength=config.penalty.full_strength,
+        )
+    return Optimizer(schedule, tx, penalty)
+
+
+def make_loss_fn(model: nn.Module) -> LossFn:
+    """Mean cross-entropy of one block in training mode (BatchNorm on the block's statistics)."""
+
+    def loss_fn(params, model_state, inputs, labels):
+        variables = {"params": params, **model_state}
+        if model_state:
+            logits, new_state = model.apply(
+                variables, inputs, train=True, mutable=list(model_state)
+            )
+        else:
+            logits, new_state = model.apply(variables, inputs, train=True), {}
+        logits = logits.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return loss, (new_state, {"accuracy": accuracy})
+
+    return loss_fn
+
+
+def make_predict_fn(model: nn.Module, *, flip_average: bool = False) -> PredictFn:
+    """Logits in evaluation mode (BatchNorm on its running statistics), optionally averaged
+    with the mirror image's (:func:`gdreg.evaluate.flip_averaged`)."""
+
+    def predict(params, model_state, inputs):
+        return model.apply({"params": params, **model_state}, inputs, train=False)
+
+    return flip_averaged(predict) if flip_average else predict
+
+
+def make_batch_fns(
+    config: ml_collections.ConfigDict, dataset: data.Dataset
+) -> tuple[BatchFn, BatchFn]:
+    """``(train_batch, test_batch)``: images of the device-resident sets, normalized.
+
+    ``train_batch`` augments per ``config.data`` (a function of seed, step and image only);
+    ``test_batch`` takes the test images as they are.
+    """
+    augment_key = jax.random.key(config.seed + 1)
+    mean, std = dataset.mean, dataset.std
+    fields = config.data
+
+    def train_batch(images_and_labels, indices, step):
+        images, labels = data.augment(
+            images_and_labels["images"],
+            images_and_labels["labels"],
+            indices,
+            step,
+            key=augment_key,
+            augmentation=fields.augmentation,
+            copies=fields.copies,
+            padding=fields.padding,
+            flip=fields.flip,
+        )
+        return data.normalize(images, mean, std), labels
+
+    def test_batch(images_and_labels, indices, step):
+        del step
+        images = images_and_labels["images"][indices]
+        return data.normalize(images, mean, std), images_and_labels["labels"][indices]
+
+    return train_batch, test_batch
+
+
+def loop_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The engine's loop knobs; "" / 0 in the config pick the backend's default.
+
+    One block per call in a Python loop on CPU (XLA:CPU runs convolutions inside loop bodies on
+    a slow path); four blocks per call on GPUs, where small blocks are launch-bound.
+    """
+    on_cpu = jax.default_backend() == "cpu"
+    return {
+        "blocks_per_microbatch": config.train.blocks_per_microbatch or (1 if on_cpu else 4),
+        "microbatch_loop": config.train.microbatch_loop or "python",
+        "block_loop": config.train.block_loop or "unroll",
+    }
+
+
+def make_engine(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    train_batch: BatchFn,
+    penalty: optax.GradientTransformationExtraArgs,
+    mesh: Mesh,
+) -> FullBatchGradient:
+    """The sharded full-batch gradient of the model's training loss, with the penalty."""
+    return FullBatchGradient(
+        make_loss_fn(model),
+        train_batch,
+        mesh=mesh,
+        penalty=penalty,
+        penalty_full_gradient=config.penalty.full_strength > 0,
+        **loop_settings(config),
+    )
+
+
+def make_evaluator(
+    config: ml_collections.ConfigDict, model: nn.Module, test_batch: BatchFn, mesh: Mesh
+) -> Evaluator:
+    """Test loss and accuracy per ``config.eval``."""
+    predict = make_predict_fn(model, flip_average=config.eval.flip_average)
+    with config_lib.blame("eval"):
+        return Evaluator(predict, test_batch, mesh=mesh, batch_size=config.eval.batch_size)
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_virtual_images: int) -> int:
+    """Optimizer steps per epoch: 1 in full-batch mode, ``N // batch_size`` in stochastic."""
+    if config.train.mode == "fullbatch":
+        return 1
+    return num_virtual_images // config.train.batch_size
+
+
+# ----- the whole run ------------------------------------------------------------------------
+
+
+def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None) -> Run:
+    """Validates ``config`` and builds its run (loading the data unless ``dataset`` is given).
+
+    Raises :class:`gdreg.config.ConfigError` naming the field for any value that cannot run,
+    and :class:`gdreg.data.DatasetNotFoundError` for a TFDS dataset that is not there.
+    """
+    config_lib.validate(config)
+    if dataset is None:
+        dataset = load_data(config)
+    with config_lib.blame("data"):
+        num_virtual = data.virtual_size(
+            dataset.num_train, config.data.augmentation, config.data.copies
+        )
+    config_lib.check_dataset_fits(config, num_virtual)
+    steps = steps_per_epoch(config, num_virtual)
+    mesh = data_mesh()
+    model = make_model(config, dataset.num_classes)
+    optimizer = make_optimizer(config, steps)
+    train_batch, test_batch = make_batch_fns(config, dataset)
+    return Run(
+        config=config,
+        dataset=dataset,
+        mesh=mesh,
+        model=model,
+        optimizer=optimizer,
+        engine=make_engine(config, model, train_batch, optimizer.penalty, mesh),
+        evaluator=make_evaluator(config, model, test_batch, mesh),
+        train_data=replicate(
+            {"images": dataset.train_images, "labels": dataset.train_labels}, mesh
+        ),
+        test_data=replicate({"images": dataset.test_images, "labels": dataset.test_labels}, mesh),
+        num_virtual_images=num_virtual,
+        steps_per_epoch=steps,
+    )
+
+
+def initial_state(run: Run) -> TrainState:
+    """Parameters, model state, optimizer and penalty state at epoch 0 (host arrays)."""
+    sample = data.normalize(run.dataset.train_images[:1], run.dataset.mean, run.dataset.std)
+    variables = jax.jit(lambda key: run.model.init(key, sample, train=False))(
+        jax.random.key(run.config.seed)
+    )
+    variables = jax.tree.map(np.asarray, variables)
+    params = variables.pop("params")
+    return TrainState(
+        epoch=np.zeros((), np.int32),
+        params=params,
+        model_state=dict(variables),
+        opt_state=jax.tree.map(np.asarray, run.optimizer.tx.init(params)),
+        penalty_state=jax.tree.map(np.asarray, run.optimizer.penalty.init(params)),
+    )
+
+
+def epoch_layouts(run: Run, epoch: int) -> list[np.ndarray]:
+    """The block layouts of one epoch: one full-batch layout, or one per minibatch.
+
+    Drawn from ``(seed, epoch)`` only, so a resumed run repeats them exactly.
+    """
+    config = run.config
+    seed = [config.seed, epoch]
+    if config.train.mode == "fullbatch":
+        shuffle = config.train.shuffle_blocks
+        layout = block_layout(
+            run.num_virtual_images,
+            config.train.block_size,
+            permutation_seed=np.random.SeedSequence(seed).generate_state(1)[0] if shuffle else None,
+        )
+        return [layout]
+    order = np.random.default_rng(seed).permutation(run.num_virtual_images).astype(np.int32)
+    size = config.train.batch_size
+    return [order[i * size : (i + 1) * size][None] for i in range(run.steps_per_epoch)]

@@ -1,0 +1,21 @@
+"""Type aliases shared by the pure-function modules (engine, evaluator, penalty)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+#: A nested structure of arrays (parameters, gradients, optimizer state, ...).
+PyTree = Any
+
+#: ``loss_fn(params, model_state, inputs, labels) -> (mean loss, (new_model_state, aux))``,
+#: with ``aux["accuracy"]`` the fraction of correct predictions.
+LossFn = Callable[[PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
+
+#: ``batch_fn(data, indices, step) -> (inputs, labels)`` of the images ``indices`` of ``data``.
+BatchFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+#: ``predict_fn(params, model_state, inputs) -> logits`` in evaluation mode.
+PredictFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]

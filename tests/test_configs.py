@@ -1,0 +1,116 @@
+"""Every config file and variant that the README names loads, validates and builds a run."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from gdreg import config as config_lib
+from gdreg import experiment
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def load_config_file(name: str):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def readme_config_arguments() -> set[tuple[str, str | None]]:
+    """(file, argument) of every ``configs/FILE.py[:ARG]`` in the README (no ARG: None)."""
+    text = (REPO / "README.md").read_text()
+    found = re.findall(r"configs/(\w+)\.py(?::([\w,]+))?", text)
+    return {(name, arg or None) for name, arg in found}
+
+
+def every_variant() -> list[tuple[str, str | None]]:
+    variants = [("resnet18_fb", v) for v in load_config_file("resnet18_fb").VARIANTS]
+    variants += [("digits", v) for v in load_config_file("digits").VARIANTS]
+    variants += [
+        ("paper", f"{model},{row}")
+        for model in config_lib.PAPER_MODELS
+        for row in config_lib.PAPER_TABLE
+    ]
+    return variants
+
+
+def test_the_readme_names_only_variants_that_exist():
+    arguments = readme_config_arguments()
+    assert ("resnet18_fb", "quick") in arguments and ("paper", "resnet50,strong") in arguments
+    known = set(every_variant())
+    for name, arg in arguments:
+        assert (CONFIGS / f"{name}.py").is_file(), name
+        if arg is not None and any(part.isupper() for part in arg.split(",")):
+            continue  # a placeholder such as VARIANT or resnet50,ROW
+        module = load_config_file(name)
+        config = module.get_config(arg) if arg is not None else module.get_config()
+        config_lib.validate(config)
+        if name != "paper" and arg is not None:
+            assert (name, arg) in known
+
+
+@pytest.mark.parametrize(("name", "arg"), every_variant(), ids=lambda value: str(value))
+def test_every_variant_validates_and_builds(name, arg):
+    config = load_config_file(name).get_config(arg)
+    config_lib.validate(config)
+    if config.data.name in ("cifar10", "cifar100"):  # no network here: same shape, made up
+        config.data.name = "synthetic"
+        config.data.synthetic_train_size = 256
+        config.data.synthetic_test_size = 16
+        config.data.train_size = config.data.test_size = 0
+    run = experiment.build(config)
+    assert run.model is not None and run.num_virtual_images >= config.train.block_size
+
+
+def test_paper_config_arguments():
+    paper = load_config_file("paper")
+    assert (
+        paper.get_config().to_dict() == config_lib.paper_config("resnet18", "regularized").to_dict()
+    )
+    assert paper.get_config("strong").model.name == "resnet18"
+    assert paper.get_config("densenet121").row == "regularized"
+    with pytest.raises(config_lib.ConfigError, match="unknown row"):
+        paper.get_config("resnet50,strongest")
+    with pytest.raises(config_lib.ConfigError, match=r"model\.name='resnet7'"):
+        config_lib.validate(paper.get_config("resnet7"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("model.name", "resnet7"),
+        ("model.dtype", "int8"),
+        ("data.name", "imagenet21k"),
+        ("data.augmentation", "sometimes"),
+        ("data.copies", 0),
+        ("data.padding", -2),
+        ("train.mode", "online"),
+        ("train.block_loop", "spin"),
+        ("optim.lr", -0.1),
+        ("optim.schedule", "step"),
+        ("penalty.method", "backward"),
+        ("penalty.full_strength", -1.0),
+        ("eval.batch_size", 0),
+        ("checkpoint.keep", 0),
+    ],
+)
+def test_validate_names_the_bad_field(field, value):
+    config = config_lib.base_config()
+    config_lib.set_field(config, field, value)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(field)):
+        config_lib.validate(config)
+
+
+def test_library_errors_are_blamed_on_the_field():
+    field_named = r"^data\.npz_path='x': file not found$"
+    with pytest.raises(config_lib.ConfigError, match=field_named), config_lib.blame("data"):
+        raise ValueError("npz_path='x': file not found")
+    section_named = r"^model: num_classes must be positive$"
+    with pytest.raises(config_lib.ConfigError, match=section_named), config_lib.blame("model"):
+        raise ValueError("num_classes must be positive")
