@@ -12,6 +12,7 @@
 """
 
 from gdreg.config import PAPER_TABLE, ConfigError, paper_config
+from gdreg.models import model_names
 
 
 def get_config(arg: str = ""):
@@ -20,9 +21,16 @@ def get_config(arg: str = ""):
         raise ConfigError(f"paper.py takes MODEL,ROW, got {arg!r}")
     if len(parts) == 2:
         model, row = parts
-    elif parts and parts[0] in PAPER_TABLE:
+    elif not parts:
+        model, row = "resnet18", "regularized"
+    elif parts[0] in PAPER_TABLE:
         model, row = "resnet18", parts[0]
+    elif parts[0].lower() in model_names():
+        model, row = parts[0], "regularized"
     else:
-        model, row = (parts[0] if parts else "resnet18"), "regularized"
-    # An unknown model is reported with the rest of the config when the run is built.
+        raise ConfigError(
+            f"paper.py:{arg}: {parts[0]!r} is neither a row {tuple(PAPER_TABLE)} nor a model "
+            f"{tuple(model_names())}"
+        )
+    # An unknown model in MODEL,ROW is reported with the rest of the config at build time.
     return paper_config(model, row)

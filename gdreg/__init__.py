@@ -21,4 +21,6 @@ __all__ = ["GradientNormPenaltyState", "gradient_norm_penalty"]
 def __getattr__(name: str):
     if name in __all__:
         return getattr(importlib.import_module("gdreg.penalty"), name)
+    if name == "penalty":  # ``import gdreg; gdreg.penalty`` as before the import was lazy
+        return importlib.import_module("gdreg.penalty")
     raise AttributeError(f"module 'gdreg' has no attribute {name!r}")

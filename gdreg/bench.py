@@ -34,7 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gdreg import distributed, exitcodes, experiment, train
-from gdreg.config import ConfigError
+from gdreg.config import ConfigError, require_full_batch
 from gdreg.sharding import replicate
 
 FLAGS = flags.FLAGS
@@ -132,11 +132,10 @@ def main(argv: list[str]) -> int:
     except ValueError:
         print(f"error: --images takes whole numbers, got {','.join(FLAGS.images)}", file=sys.stderr)
         return exitcodes.BAD_INPUT
-    if config.train.mode != "fullbatch":
-        print(
-            "error: gdreg.bench times full-batch steps; train.mode must be fullbatch",
-            file=sys.stderr,
-        )
+    try:
+        require_full_batch(config, "gdreg.bench")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_INPUT
     distributed.configure_cpu_devices(
         distributed.cpu_devices_for(config.train.cpu_devices, fullbatch=True)

@@ -26,9 +26,6 @@ from typing import Any
 import ml_collections
 
 MODES = ("fullbatch", "stochastic")
-MICROBATCH_LOOPS = ("", "python", "scan")  # "": the backend's default
-BLOCK_LOOPS = ("", "unroll", "vmap")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -215,18 +212,16 @@ def paper_config(model: str, row: str, dataset: str = "cifar10") -> ml_collectio
 def _choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the fields that name a choice, from the modules that own them."""
     from gdreg.data import AUGMENTATIONS, DATASET_NAMES
-    from gdreg.models import model_names
+    from gdreg.fullbatch import BLOCK_LOOPS, MICROBATCH_LOOPS
     from gdreg.optim import SCHEDULES
     from gdreg.penalty import METHODS
 
     return {
-        "model.name": tuple(model_names()),
-        "model.dtype": DTYPES,
         "data.name": DATASET_NAMES,
         "data.augmentation": AUGMENTATIONS,
         "train.mode": MODES,
-        "train.microbatch_loop": MICROBATCH_LOOPS,
-        "train.block_loop": BLOCK_LOOPS,
+        "train.microbatch_loop": ("", *MICROBATCH_LOOPS),  # "": the backend's default
+        "train.block_loop": ("", *BLOCK_LOOPS),
         "optim.schedule": SCHEDULES,
         "penalty.method": METHODS,
     }
@@ -280,6 +275,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     What depends on the dataset (a block larger than the training set, an unreadable ``.npz``)
     is checked when the data is loaded: see :func:`check_dataset_fits` and :func:`blame`.
     """
+    from gdreg.models import check_dtype, check_name
+
+    with blame("model"):  # the registry owns the names (case-insensitive) and dtypes
+        check_name(config.model.name)
+        check_dtype(config.model.dtype)
     for field, allowed in _choices().items():
         value = get_field(config, field)
         if value not in allowed:
@@ -291,12 +291,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{field} {message}, got {get_field(config, field)!r}")
 
 
+def require_full_batch(config: ml_collections.ConfigDict, program: str) -> None:
+    """For programs that time or scan full-batch steps only (``gdreg.bench``)."""
+    if config.train.mode != "fullbatch":
+        raise ConfigError(
+            f"train.mode={config.train.mode!r}: {program} works on full-batch steps only"
+        )
+
+
 def check_dataset_fits(config: ml_collections.ConfigDict, num_virtual_images: int) -> None:
     """Checks that a block (or minibatch) fits in the ``num_virtual_images`` training images."""
     field = "train.block_size" if config.train.mode == "fullbatch" else "train.batch_size"
     size = get_field(config, field)
     if size > num_virtual_images:
         raise ConfigError(f"{field} {size} is larger than the {num_virtual_images} training images")
+
+
+def as_flag(dotted: str) -> str:
+    """How a field is set on the command line: ``as_flag("data.data_dir")`` is
+    ``--config.data.data_dir``."""
+    return f"--config.{dotted}"
 
 
 @contextlib.contextmanager

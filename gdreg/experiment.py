@@ -79,22 +79,31 @@ class Run:
 
 
 def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
-    """The dataset named by ``config.data``, in host memory."""
+    """The dataset named by ``config.data``, in host memory.
+
+    A missing TFDS dataset raises :class:`gdreg.data.DatasetNotFoundError` whose message says
+    how to prepare it and which flag points gdreg at it.
+    """
     fields = config.data
-    with config_lib.blame("data"):
-        return data.load_dataset(
-            fields.name,
-            data_dir=fields.data_dir,
-            download=fields.download,
-            npz_path=fields.npz_path or None,
-            train_size=fields.train_size,
-            test_size=fields.test_size,
-            seed=config.seed,
-            synthetic_shape=tuple(fields.synthetic_shape),
-            synthetic_num_classes=fields.synthetic_num_classes,
-            synthetic_train_size=fields.synthetic_train_size,
-            synthetic_test_size=fields.synthetic_test_size,
-        )
+    try:
+        with config_lib.blame("data"):
+            return data.load_dataset(
+                fields.name,
+                data_dir=fields.data_dir,
+                download=fields.download,
+                npz_path=fields.npz_path or None,
+                train_size=fields.train_size,
+                test_size=fields.test_size,
+                seed=config.seed,
+                synthetic_shape=tuple(fields.synthetic_shape),
+                synthetic_num_classes=fields.synthetic_num_classes,
+                synthetic_train_size=fields.synthetic_train_size,
+                synthetic_test_size=fields.synthetic_test_size,
+            )
+    except data.DatasetNotFoundError as error:
+        raise data.DatasetNotFoundError(
+            f"{error} ({config_lib.as_flag('data.data_dir')})"
+        ) from None
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

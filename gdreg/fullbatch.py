@@ -59,7 +59,8 @@ class FullBatchResult(NamedTuple):
 
     grads: mean over blocks of the (transformed) block gradients, float32.
     model_state: the model's non-parameter state (BatchNorm statistics), see module docstring.
-    penalty_state: the per-block transform's state after one update (None without one).
+    penalty_state: the per-block transform's state after one update (None for an engine
+      built without a penalty).
     metrics: scalars ``loss`` and ``accuracy`` (means over the blocks' images),
       ``block_grad_sq_norm`` (mean over blocks of ||grad L_B||^2, before the transform),
       ``grad_norm`` (global L2 norm of ``grads``) and ``images`` (images that counted).

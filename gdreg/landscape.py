@@ -78,7 +78,9 @@ def load_checkpoint(run: experiment.Run, workdir: str) -> experiment.TrainState:
         raise RunDirError(f"{workdir}: no {rundir.CHECKPOINT_DIR}/ directory, nothing to load")
     manager = checkpoint.checkpoint_manager(workdir, run.config.checkpoint.keep)
     try:
-        state = checkpoint.restore_latest(manager, experiment.initial_state(run), run.mesh)
+        state = checkpoint.restore_latest(
+            manager, experiment.initial_state(run), run.mesh, steps_per_epoch=run.steps_per_epoch
+        )
     finally:
         manager.close()
     if state is None:
@@ -122,6 +124,18 @@ def random_direction(params: PyTree, seed: int, index: int) -> PyTree:
 # ----- evaluation -----------------------------------------------------------------------------
 
 
+def check_grid(directions: int, points: int, span: float) -> None:
+    """Raises ``ValueError`` naming the first bad grid setting (they are command-line flags)."""
+    if directions not in (1, 2):
+        raise ValueError(f"--directions must be 1 or 2, got {directions}")
+    if points < directions:
+        raise ValueError(
+            f"--points must be at least {directions} for {directions} direction(s), got {points}"
+        )
+    if not span > 0:
+        raise ValueError(f"--span must be positive, got {span}")
+
+
 def landscape_layout(run: experiment.Run, epoch: int) -> np.ndarray:
     """The blocks of the epoch after the checkpoint: its full-batch layout or its minibatches."""
     layouts = experiment.epoch_layouts(run, epoch)
@@ -139,14 +153,7 @@ def compute_landscape(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Loads the run in ``workdir`` and evaluates the loss on the grid; returns the results."""
-    if directions not in (1, 2):
-        raise ValueError(f"directions must be 1 or 2, got {directions}")
-    if points < directions:
-        raise ValueError(
-            f"points must be at least {directions} for {directions} direction(s), got {points}"
-        )
-    if not span > 0:
-        raise ValueError(f"span must be positive, got {span}")
+    check_grid(directions, points, span)
     run = load_run(workdir)
     config = run.config
     state = load_checkpoint(run, workdir)
@@ -337,11 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test", action="store_true", help="also evaluate the test set")
     parser.add_argument("--out", default=None, help="output directory (default: --workdir)")
     args = parser.parse_args(argv)
-    if args.points < args.directions:
-        print(f"error: --points must be at least {args.directions}", file=sys.stderr)
-        return exitcodes.BAD_INPUT
-    if not args.span > 0:
-        print(f"error: --span must be positive, got {args.span}", file=sys.stderr)
+    try:
+        check_grid(args.directions, args.points, args.span)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_INPUT
     try:
         requested = rundir.read_config(args.workdir).train.cpu_devices

@@ -3,8 +3,8 @@
     python -m gdreg.report RUN_DIR... [--out DIR]
 
 Reads each run directory's ``config.json`` and ``metrics.jsonl`` (:mod:`gdreg.rundir`) and
-writes to ``--out`` (default: the run
-directories' common parent, or the run directory itself for a single run):
+writes to ``--out`` (default: the run directories' common parent, or the run directory itself
+for a single run):
 
 * ``curves.png``: one 1000 x 750 px figure of four panels against epochs: training loss,
   test accuracy (on the evaluation epochs), gradient norm and learning rate, all runs
@@ -22,8 +22,9 @@ by the run directory's name when ``row`` is empty.
 
 Modifications, from the config: ``clip`` (``optim.clip_norm`` > 0), ``reg``
 (``penalty.strength`` > 0), ``fullreg`` (``penalty.full_strength`` > 0), ``bsN`` (full
-batch with blocks of N other than the paper's 128, the default of ``train.block_size``), ``shuffle`` (``train.shuffle_blocks``), ``noaug``
-(``data.augmentation`` none) and ``fixedxN`` (N fixed augmented copies).
+batch with blocks of N other than the paper's 128, the default of ``train.block_size``),
+``shuffle`` (``train.shuffle_blocks``), ``noaug`` (``data.augmentation`` none) and
+``fixedxN`` (N fixed augmented copies).
 
 Steps: one per epoch in full-batch mode; ``images // batch_size`` per epoch in stochastic
 mode. For stochastic runs the gradient norm and loss of an epoch are means over its

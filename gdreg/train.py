@@ -182,7 +182,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     manager = checkpoint.checkpoint_manager(workdir, config.checkpoint.keep)
     host_state = initial_state(run)
-    restored = checkpoint.restore_latest(manager, host_state, run.mesh)
+    restored = checkpoint.restore_latest(
+        manager, host_state, run.mesh, steps_per_epoch=run.steps_per_epoch
+    )
     if restored is not None:
         host_state = restored
         logging.info("resuming from the checkpoint of epoch %d", int(host_state.epoch))

@@ -1,4 +1,4 @@
-"""Type aliases shared by the pure-function modules (engine, evaluator, penalty)."""
+"""Type aliases shared across gdreg (pytrees, the engine's and evaluator's functions, dtypes)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ LossFn = Callable[[PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, tuple
 
 #: ``batch_fn(data, indices, step) -> (inputs, labels)`` of the images ``indices`` of ``data``.
 BatchFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+#: A dtype or its name (``jnp.float32``, ``"bfloat16"``).
+Dtype = Any
 
 #: ``predict_fn(params, model_state, inputs) -> logits`` in evaluation mode.
 PredictFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gdreg import config as config_lib
-from gdreg import experiment
+from gdreg import data, experiment
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -77,8 +77,12 @@ def test_paper_config_arguments():
     assert paper.get_config("densenet121").row == "regularized"
     with pytest.raises(config_lib.ConfigError, match="unknown row"):
         paper.get_config("resnet50,strongest")
-    with pytest.raises(config_lib.ConfigError, match=r"model\.name='resnet7'"):
-        config_lib.validate(paper.get_config("resnet7"))
+    with pytest.raises(config_lib.ConfigError, match="neither a row"):
+        paper.get_config("stong")
+    with pytest.raises(config_lib.ConfigError, match=r"model\.name: unknown model 'resnet7'"):
+        config_lib.validate(paper.get_config("resnet7,strong"))
+    # Model names are case-insensitive, as in the registry.
+    config_lib.validate(paper.get_config("ResNet50,strong"))
 
 
 @pytest.mark.parametrize(
@@ -114,3 +118,14 @@ def test_library_errors_are_blamed_on_the_field():
     section_named = r"^model: num_classes must be positive$"
     with pytest.raises(config_lib.ConfigError, match=section_named), config_lib.blame("model"):
         raise ValueError("num_classes must be positive")
+
+
+def test_a_missing_tfds_dataset_names_the_flag(tmp_path):
+    config = config_lib.paper_config("resnet18", "strong")
+    config.data.data_dir = str(tmp_path)
+    config.data.download = False
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        experiment.load_data(config)
+    message = str(info.value)
+    assert message.endswith("pass that folder as data_dir (--config.data.data_dir)"), message
+    assert "\n" not in message

@@ -48,7 +48,7 @@ def test_tfds_load_under_mock_data(mock_tfds, tmp_path, name, num_classes, mean,
     with mock_tfds(num_examples=40):
         full = data.load_dataset(name, data_dir=str(tmp_path))
         sub = data.load_dataset(name, data_dir=str(tmp_path), train_size=12, test_size=8, seed=3)
-        with pytest.raises(ValueError, match=r"train_size=41"):
+        with pytest.raises(ValueError, match=r"^train_size=41"):
             data.load_dataset(name, data_dir=str(tmp_path), train_size=41)
     assert full.name == name
     assert full.train_images.shape == (40, 32, 32, 3)
@@ -141,7 +141,7 @@ def test_tfds_missing_dataset_without_download_is_fast(tmp_path, monkeypatch):
     assert time.monotonic() - start < 10.0
     message = str(info.value)
     assert f"tfds build cifar10 --data_dir {tmp_path}" in message
-    assert str(tmp_path) in message and "--config.data.data_dir" in message
+    assert str(tmp_path) in message and message.endswith("pass that folder as data_dir")
     assert "\n" not in message
 
 
@@ -243,14 +243,14 @@ def _npz_error(tmp_path, **arrays):
     with pytest.raises(ValueError) as info:
         data.load_dataset("npz", npz_path=_write_npz(tmp_path / "bad.npz", **arrays))
     message = str(info.value)
-    assert "npz_path" in message and "\n" not in message
+    assert message.startswith("npz_path") and "\n" not in message
     return message
 
 
 def test_npz_errors_name_the_field(tmp_path):
     arrays = _npz_arrays(np.random.default_rng(2))
     for kwargs in ({}, {"npz_path": None}, {"npz_path": str(tmp_path / "missing.npz")}):
-        with pytest.raises(ValueError, match=r"npz_path"):
+        with pytest.raises(ValueError, match=r"^npz_path"):
             data.load_dataset("npz", **kwargs)
     message = _npz_error(tmp_path, **{k: v for k, v in arrays.items() if k != "x_test"})
     assert "x_test" in message
@@ -261,7 +261,7 @@ def test_npz_errors_name_the_field(tmp_path):
     _npz_error(tmp_path, **{**arrays, "x_train": arrays["x_train"] * 2.0})  # float not in [0, 1]
     not_npz = tmp_path / "not.npz"
     not_npz.write_bytes(b"definitely not a zip file")
-    with pytest.raises(ValueError, match=r"npz_path"):
+    with pytest.raises(ValueError, match=r"^npz_path"):
         data.load_dataset("npz", npz_path=str(not_npz))
 
 
@@ -279,14 +279,14 @@ def test_subset_is_stratified_deterministic_and_validated(tmp_path):
     np.testing.assert_array_equal(np.bincount(a.train_labels, minlength=4), [5, 5, 5, 5])
     # Normalization statistics come from the whole training set, not the subset.
     assert a.mean == data.load_dataset("npz", npz_path=path).mean
-    with pytest.raises(ValueError, match=r"train_size=-1"):
+    with pytest.raises(ValueError, match=r"^train_size=-1"):
         data.load_dataset("npz", npz_path=path, train_size=-1)
-    with pytest.raises(ValueError, match=r"test_size=31"):
+    with pytest.raises(ValueError, match=r"^test_size=31"):
         data.load_dataset("npz", npz_path=path, test_size=31)
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(ValueError, match=r"name='mnist'") as info:
+    with pytest.raises(ValueError, match=r"^name='mnist'") as info:
         data.load_dataset("mnist")
     assert all(name in str(info.value) for name in data.DATASET_NAMES)
 
@@ -496,13 +496,13 @@ def test_augment_under_jit(base):
 
 def test_augmentation_errors(base):
     images, labels = base
-    with pytest.raises(ValueError, match=r"augmentation='crop'"):
+    with pytest.raises(ValueError, match=r"^augmentation='crop'"):
         _augment(images, labels, [0], 0, "crop")
-    with pytest.raises(ValueError, match=r"copies=0"):
+    with pytest.raises(ValueError, match=r"^copies=0"):
         _augment(images, labels, [0], 0, "fixed", copies=0)
-    with pytest.raises(ValueError, match=r"augmentation"):
+    with pytest.raises(ValueError, match=r"^augmentation="):
         data.virtual_size(N, "flip", 1)
-    with pytest.raises(ValueError, match=r"copies"):
+    with pytest.raises(ValueError, match=r"^copies="):
         data.virtual_size(N, "fixed", 0)
 
 

@@ -43,9 +43,9 @@ def test_stochastic_schedule_is_constant_within_an_epoch():
 
 
 def test_schedule_rejects_bad_values():
-    with pytest.raises(ValueError, match=r"base_lr"):
+    with pytest.raises(ValueError, match=r"^base_lr must be positive"):
         learning_rate_schedule(base_lr=-1.0, warmup_epochs=1, cosine_epochs=10)
-    with pytest.raises(ValueError, match=r"schedule"):
+    with pytest.raises(ValueError, match=r"^schedule must be one of"):
         learning_rate_schedule(base_lr=1.0, schedule="step", cosine_epochs=10)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,6 +165,26 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert strip_timing([resumed]) == strip_timing([whole])
     a, b = restore_params(tmp_path / "whole", 4), restore_params(tmp_path / "killed", 4)
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_resume_from_a_checkpoint_without_penalty_state(tmp_path):
+    """Runs without a penalty once saved penalty_state={}; they resume as if uninterrupted."""
+    config = tiny_config(penalty__strength=0.0)
+    train.train_and_evaluate(config, str(tmp_path / "whole"))
+    config.train.epochs = 2
+    train.train_and_evaluate(config, str(tmp_path / "old"))
+    path = tmp_path / "old" / rundir.CHECKPOINT_DIR
+    with ocp.CheckpointManager(path) as manager:
+        state = manager.restore(2, args=ocp.args.StandardRestore())
+    shutil.rmtree(path)
+    state["penalty_state"] = {}
+    with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        manager.save(2, args=ocp.args.StandardSave(state))
+    config.train.epochs = 4
+    train.train_and_evaluate(config, str(tmp_path / "old"))
+    assert strip_timing(rundir.read_metrics(tmp_path / "old")) == strip_timing(
+        rundir.read_metrics(tmp_path / "whole")
+    )
 
 
 def test_sigterm_checkpoints_and_a_rerun_finishes_the_same_run(tmp_path):

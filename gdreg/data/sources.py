@@ -13,7 +13,7 @@ in host memory. Sources (``DATASET_NAMES``):
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download).
 
 Nothing here imports JAX: the images go to the devices in :mod:`gdreg.experiment`, and are
-augmented there by :mod:`gdreg.data.augment`.
+augmented there by :mod:`gdreg.data.augmentation`.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def _tfds_not_found_message(name: str, root: str, variant_dir: str, reason: str)
         f'`tfds build {name} --data_dir {root}` (or python -c "import tensorflow_datasets '
         f"as tfds; tfds.builder('{name}', data_dir='{root}').download_and_prepare()\"), or "
         f"copy an existing ~/tensorflow_datasets (it holds a '{name}' folder) to the "
-        "cluster, and pass that folder as --config.data.data_dir."
+        "cluster, and pass that folder as data_dir"
     )
 
 

@@ -6,6 +6,12 @@
 >>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])  # doctest: +SKIP
 """
 
-from gdreg.models.registry import create_model, model_names, register_model
+from gdreg.models.registry import (
+    check_dtype,
+    check_name,
+    create_model,
+    model_names,
+    register_model,
+)
 
-__all__ = ["create_model", "model_names", "register_model"]
+__all__ = ["check_dtype", "check_name", "create_model", "model_names", "register_model"]

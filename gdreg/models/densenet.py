@@ -14,15 +14,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gdreg.models import layers
-
-Dtype = Any
+from gdreg.types import Dtype
 
 
 class DenseLayer(nn.Module):

@@ -12,15 +12,13 @@ Conventions used everywhere in :mod:`gdreg.models`:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gdreg.models.conv import conv_general_dilated as chunked_filter_grad_conv
-
-Dtype = Any
+from gdreg.types import Dtype
 
 PARAM_DTYPE = jnp.float32
 

@@ -51,7 +51,16 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _check_dtype(dtype: str | Any) -> jnp.dtype:
+def check_name(name: str) -> str:
+    """The registry key of ``name`` (case-insensitive); ``ValueError`` if no model has it."""
+    key = _normalize(name) if isinstance(name, str) else None
+    if key not in _REGISTRY:
+        raise ValueError(f"name: unknown model {name!r}; known models: {model_names()}")
+    return key
+
+
+def check_dtype(dtype: str | Any) -> jnp.dtype:
+    """``dtype`` as a floating ``jnp.dtype``; ``ValueError`` for anything else."""
     try:
         dt = jnp.dtype(dtype)
     except TypeError as err:
@@ -78,9 +87,7 @@ def create_model(
       dtype: compute dtype, e.g. ``"float32"`` or ``"bfloat16"``; parameters are float32 and
         logits are returned as float32 either way.
     """
-    key = _normalize(name) if isinstance(name, str) else None
-    if key not in _REGISTRY:
-        raise ValueError(f"name: unknown model {name!r}; known models: {model_names()}")
+    key = check_name(name)
     if not _is_positive_int(num_classes):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if width is not None and not _is_positive_int(width):
@@ -88,7 +95,7 @@ def create_model(
     return _REGISTRY[key](
         num_classes=int(num_classes),
         width=None if width is None else int(width),
-        dtype=_check_dtype(dtype),
+        dtype=check_dtype(dtype),
     )
 
 

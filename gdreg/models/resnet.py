@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gdreg.models import layers
-
-Dtype = Any
+from gdreg.types import Dtype
 
 
 class ShortcutC(nn.Module):

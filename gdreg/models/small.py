@@ -16,15 +16,12 @@ first linear layer, depends on the input's spatial size (Flax infers it at init)
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gdreg.models import layers
-
-Dtype = Any
+from gdreg.types import Dtype
 
 
 def _torch_conv(features: int, fan_in: int, dtype: Dtype, name: str) -> nn.Conv:

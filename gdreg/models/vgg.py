@@ -15,15 +15,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gdreg.models import layers
-
-Dtype = Any
+from gdreg.types import Dtype
 
 # Channel multipliers of the base width; "M" = 2x2 max-pool with stride 2.
 VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
