@@ -150,5 +150,10 @@ def main(argv: list[str]) -> int:
     return exitcodes.DONE
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``gdreg-bench``."""
     app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.log = ml_collections.ConfigDict()
     config.log.progress = True  # progress bar on the console
+    config.log.tensorboard = True  # WORKDIR/tensorboard event files (gdreg.summaries)
     return config
 
 
@@ -161,8 +162,10 @@ PAPER_TABLE: dict[str, PaperRow] = {
 PAPER_ROWS = ("sgd", "fb_baseline", "longer", "clipped", "regularized", "strong", "practice")
 FIXED_DATA_ROWS = tuple(row for row in PAPER_TABLE if row not in PAPER_ROWS)
 ROW_TITLES = {row: entry.title for row, entry in PAPER_TABLE.items()}
-#: The models of the paper's Tables 1 and 2.
-PAPER_MODELS = ("resnet18", "resnet50", "resnet152", "densenet121")
+#: The models of the paper's Tables 1 and 2 and their widths (``model.width``: channels of the
+#: first stage; DenseNet: growth rate).
+PAPER_WIDTHS = {"resnet18": 64, "resnet50": 64, "resnet152": 64, "densenet121": 32}
+PAPER_MODELS = tuple(PAPER_WIDTHS)
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -202,6 +205,7 @@ def paper_config(model: str, row: str, dataset: str = "cifar10") -> ml_collectio
     """The config of one table row for ``model`` on ``dataset``."""
     config = base_config()
     config.model.name = model
+    config.model.width = PAPER_WIDTHS.get(model, config.model.width)
     config.data.name = dataset
     return apply_row(config, row)
 

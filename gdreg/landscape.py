@@ -27,7 +27,8 @@ next epoch logs (up to float rounding). With ``--test`` the test loss and accura
 
 Writes ``landscape.json`` (grid, values and settings), ``landscape.csv`` (one row per
 point) and ``landscape.png`` (loss and accuracy along the line for 1D; loss contours for
-2D) to ``--out`` (default: the run directory).
+2D) to ``--out`` (default: the run directory), and the picture to the run's TensorBoard
+(``WORKDIR/tensorboard/landscape``, at the checkpoint's epoch).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gdreg import checkpoint, distributed, exitcodes, experiment, rundir
+from gdreg import checkpoint, distributed, exitcodes, experiment, rundir, summaries
 from gdreg.config import ROW_TITLES, ConfigError
 from gdreg.progress import ProgressBar
 from gdreg.rundir import RunDirError
@@ -190,11 +191,12 @@ def compute_landscape(
     grid = [(a,) for a in axis] if directions == 1 else [(a, b) for a in axis for b in axis]
     began = time.perf_counter()
     center = evaluate((0.0,) * directions)
-    bar = ProgressBar(len(grid), enabled=progress)
+    bar = ProgressBar(len(grid), enabled=progress, unit="point")
     values = []
     for done, coefficients in enumerate(grid, 1):
         values.append(evaluate(coefficients))
-        bar.update(done, f"points loss {values[-1]['loss']:.4f}")
+        bar.update(done, f"loss {values[-1]['loss']:.4f}")
+    bar.close()
     seconds = time.perf_counter() - began
 
     shape = (points,) * directions
@@ -362,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             test=args.test,
         )
         paths = write_outputs(result, args.out or args.workdir)
+        summaries.add_picture(args.workdir, "landscape", paths["png"], result["epoch"])
     except RunDirError as error:
         print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_INPUT
@@ -375,5 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exitcodes.DONE
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``gdreg-landscape``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -97,6 +97,7 @@ def _train() -> int:
 
 
 def run() -> None:
+    """Console entry point ``gdreg-train`` (the same as ``python -m gdreg.main``)."""
     app.run(lambda argv: sys.exit(main(argv)))
 
 

@@ -1,40 +1,68 @@
-"""A one-line console progress bar with the time left, for training and landscape scans."""
+"""Console progress of training and landscape scans: tqdm on a terminal, plain lines elsewhere."""
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 import jax
+from tqdm import tqdm
 
 
 class ProgressBar:
-    """Draws ``[####....] done/total TEXT left H:MM:SS`` on stderr, from process 0 only.
+    """Progress of a loop of ``total`` units, on stderr, from process 0 only.
 
-    On a terminal the line is redrawn in place; otherwise (a log file, SLURM's output) a line
-    is written every ``total // lines`` updates and at the end.
+    On a terminal: a tqdm bar (counter, rate, elapsed and remaining time) with ``text`` after
+    it. Elsewhere (a log file, SLURM's output) no control characters: a plain line
+    ``step done/total TEXT elapsed H:MM:SS left H:MM:SS`` every ``total // lines`` updates and
+    at the end.
     """
 
-    def __init__(self, total: int, *, start: int = 0, enabled: bool = True, lines: int = 20):
-        self.total, self.start = total, start
+    def __init__(
+        self,
+        total: int,
+        *,
+        start: int = 0,
+        enabled: bool = True,
+        lines: int = 20,
+        unit: str = "step",
+        stream: TextIO | None = None,
+    ) -> None:
+        self.total, self.start, self.unit = total, start, unit
+        self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled and jax.process_index() == 0
-        self.began = time.perf_counter()
-        self.tty = sys.stderr.isatty()
         self.every = max(1, (total - start) // lines)
+        self.began = time.perf_counter()
+        self._bar = None
+        if self.enabled and self.stream.isatty():
+            self._bar = tqdm(
+                total=total, initial=start, unit=unit, file=self.stream, dynamic_ncols=True
+            )
 
     def update(self, done: int, text: str) -> None:
-        """Shows ``done`` of ``total`` finished, with ``text`` after the counter."""
-        finished = done == self.total
-        if not self.enabled or not (self.tty or finished or (done - self.start) % self.every == 0):
+        """Shows ``done`` of ``total`` finished, with ``text`` (the latest figures)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+            self._bar.update(done - self._bar.n)
+            return
+        if done != self.total and (done - self.start) % self.every != 0:
             return
         elapsed = time.perf_counter() - self.began
         left = elapsed / max(done - self.start, 1) * (self.total - done)
-        width = 24
-        filled = int(width * done / self.total)
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {text} left {_duration(left)}"
-        end = "\n" if not self.tty or finished else ""
-        sys.stderr.write(("\r" if self.tty else "") + line + end)
-        sys.stderr.flush()
+        self.stream.write(
+            f"{self.unit} {done}/{self.total} {text} elapsed {_duration(elapsed)} "
+            f"left {_duration(left)}\n"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Ends the bar (a final newline on a terminal)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _duration(seconds: float) -> str:

@@ -10,8 +10,14 @@ for a single run):
   test accuracy (on the evaluation epochs), gradient norm and learning rate, all runs
   overlaid. Runs that differ only in their seed share a colour and one legend entry.
 * ``report.md``: the table in the layout of the paper's Table 1 (row, mini-batching,
-  epochs, steps, modifications, final test accuracy in %), the figure, and which
-  directories make up each row. The table is also printed.
+  epochs, steps, modifications, final test accuracy in %) with the paper's accuracy for the
+  same model and row, the difference, and whether the run is comparable (else what
+  differs: fewer epochs or images, another width or setting), the figure, and which
+  directories make up each row. The table is also printed, and written as ``report.csv``
+  and ``report.tex`` (a booktabs ``tabular``).
+
+The paper's numbers live in ``gdreg/paper_results.json`` with their source (Tables 1 and 2
+and the fixed-dataset results of Sec. 4.3).
 
 Rows. Runs whose configs agree on every field except ``seed`` (and fields that cannot
 change the result: ``data.data_dir``, ``log``, ``checkpoint``, the block-loop knobs,
@@ -34,7 +40,10 @@ minibatch steps (of minibatch gradients), not full-batch quantities.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import functools
+import importlib.resources
 import json
 import math
 import os
@@ -45,11 +54,15 @@ from typing import Any
 import numpy as np
 
 from gdreg import exitcodes, rundir
-from gdreg.config import ROW_TITLES, base_config
+from gdreg.config import PAPER_TABLE, PAPER_WIDTHS, ROW_TITLES, base_config
 from gdreg.rundir import RunDirError
 
 FIGURE_FILE = "curves.png"
 REPORT_FILE = "report.md"
+CSV_FILE = "report.csv"
+LATEX_FILE = "report.tex"
+#: The paper's accuracies, inside the package, with their source.
+PAPER_RESULTS_FILE = "paper_results.json"
 FIGURE_SIZE_PX = (1000, 750)
 FIGURE_DPI = 100
 # Config fields (and sections) that do not change what a run computes; runs that differ only
@@ -74,7 +87,11 @@ COLUMNS = (
     "Modifications",
     "Seeds",
     "Test accuracy (%)",
+    "Paper (%)",
+    "Difference",
+    "Comparable",
 )
+NUMERIC_COLUMNS = {2, 3, 5, 6, 7, 8}
 
 
 @dataclasses.dataclass
@@ -147,12 +164,12 @@ def load_run(path: str) -> RunRecord:
     return RunRecord(path=path, config=config, metrics=metrics)
 
 
+def _not_grouped_by(field: str) -> bool:
+    return any(field == skip or field.startswith(skip + ".") for skip in NOT_GROUPED_BY)
+
+
 def _group_key(config: dict[str, Any]) -> str:
-    kept = {
-        key: value
-        for key, value in config.items()
-        if not any(key == skip or key.startswith(skip + ".") for skip in NOT_GROUPED_BY)
-    }
+    kept = {key: value for key, value in config.items() if not _not_grouped_by(key)}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -216,6 +233,61 @@ def format_accuracy(group: Group) -> str:
     return text
 
 
+@functools.cache
+def paper_results() -> dict[str, Any]:
+    """The paper's table (``gdreg/paper_results.json``): source, dataset and accuracies."""
+    text = importlib.resources.files("gdreg").joinpath(PAPER_RESULTS_FILE).read_text()
+    return json.loads(text)
+
+
+def paper_accuracy(config: dict[str, Any]) -> tuple[float, float | None] | None:
+    """(mean, standard deviation or None) in % for the config's model and row, if in the paper."""
+    model = str(config["model.name"]).strip().lower()
+    value = paper_results()["results"].get(model, {}).get(str(config.get("row") or ""))
+    return None if value is None else (float(value[0]), value[1])
+
+
+def not_comparable(config: dict[str, Any], epochs_done: int) -> list[str]:
+    """Why a run of a paper row cannot be set beside the paper's number (empty: it can).
+
+    It must train the paper's model at the paper's width on the whole CIFAR-10 training set,
+    with every setting of the row, for the row's full number of epochs.
+    """
+    row, model = config["row"], str(config["model.name"]).strip().lower()
+    paper = paper_results()
+    reasons = []
+    if config["data.name"] != paper["dataset"]:
+        reasons.append(f"data.name {config['data.name']} (paper {paper['dataset']})")
+    elif int(config["data.train_size"]) != 0:
+        reasons.append(f"{int(config['data.train_size']):,} of {paper['train_images']:,} images")
+    planned = int(PAPER_TABLE[row].settings["train.epochs"])
+    if epochs_done < planned:
+        reasons.append(f"{epochs_done:,} of {planned:,} epochs")
+    if int(config["model.width"]) != PAPER_WIDTHS[model]:
+        reasons.append(f"model.width {config['model.width']} (paper {PAPER_WIDTHS[model]})")
+    for field, value in PAPER_TABLE[row].settings.items():
+        if field == "train.epochs" or _not_grouped_by(field):
+            continue
+        if config[field] != value:
+            reasons.append(f"{field} {config[field]} (paper {value})")
+    return reasons
+
+
+def paper_cells(group: Group) -> list[str]:
+    """The cells "Paper (%)", "Difference" and "Comparable" of one row ("-" if not a paper row)."""
+    paper = paper_accuracy(group.config)
+    if paper is None:
+        return ["-", "-", "-"]
+    mean, std = paper
+    reasons = not_comparable(group.config, min(run.final_epoch for run in group.runs))
+    difference = "n/a" if group.mean is None else f"{100 * group.mean - mean:+.2f}"
+    return [
+        f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),
+        difference,
+        "yes" if not reasons else "no: " + "; ".join(reasons),
+    ]
+
+
 def table_rows(groups: Sequence[Group]) -> list[list[str]]:
     """The cells of the table, one list per group, in the order of :data:`COLUMNS`."""
     rows = []
@@ -234,15 +306,17 @@ def table_rows(groups: Sequence[Group]) -> list[list[str]]:
                 modifications(config),
                 str(len(group.runs)),
                 format_accuracy(group),
+                *paper_cells(group),
             ]
         )
     return rows
 
 
-def markdown_table(groups: Sequence[Group]) -> str:
-    rows = [list(COLUMNS), *table_rows(groups)]
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """The header and ``rows`` (from :func:`table_rows`) as an aligned Markdown table."""
+    rows = [list(COLUMNS), *rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    numeric = {2, 3, 5, 6}
+    numeric = NUMERIC_COLUMNS
 
     def line(cells):
         padded = [
@@ -255,6 +329,44 @@ def markdown_table(groups: Sequence[Group]) -> str:
         "-" * (width - 1) + ":" if i in numeric else "-" * width for i, width in enumerate(widths)
     ]
     return "\n".join([line(rows[0]), line(rule), *(line(row) for row in rows[1:])])
+
+
+def write_csv(rows: Sequence[Sequence[str]], path: str) -> None:
+    """The header and ``rows`` as CSV."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\~{}",
+    "^": r"\^{}",
+    "±": r"$\pm$",
+}
+
+
+def latex_table(rows: Sequence[Sequence[str]]) -> str:
+    """The header and ``rows`` as a LaTeX ``tabular`` (booktabs rules)."""
+
+    def cell(text: str) -> str:
+        return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
+
+    spec = "".join("r" if i in NUMERIC_COLUMNS else "l" for i in range(len(COLUMNS)))
+    lines = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule"]
+    lines.append(" & ".join(cell(name) for name in COLUMNS) + r" \\")
+    lines.append("\\midrule")
+    lines += [" & ".join(cell(value) for value in row) + r" \\" for row in rows]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
 
 
 # ----- the figure ---------------------------------------------------------------------------
@@ -339,14 +451,24 @@ def write_report(run_dirs: Sequence[str], out: str | None = None) -> dict[str, A
     os.makedirs(out, exist_ok=True)
     figure_path = os.path.join(out, FIGURE_FILE)
     plot_curves(groups, figure_path)
-    table = markdown_table(groups)
+    rows = table_rows(groups)
+    table = markdown_table(rows)
+    csv_path, latex_path = os.path.join(out, CSV_FILE), os.path.join(out, LATEX_FILE)
+    write_csv(rows, csv_path)
+    with open(latex_path, "w") as handle:
+        handle.write(latex_table(rows))
     lines = [
         "# Results",
         "",
         table,
         "",
         "Test accuracy: the final evaluation of each run; mean ± sample standard deviation "
-        "over seeds. Mini-batching: yes for stochastic (SGD) training, no for full batch.",
+        "over seeds. Mini-batching: yes for stochastic (SGD) training, no for full batch. "
+        "Paper: the same row and model in the paper (mean ± standard deviation where it "
+        "gives one); Difference: ours minus the paper's; Comparable: whether the run trained "
+        "what the paper's row did, else what differs.",
+        "",
+        f"Paper's numbers: {paper_results()['source']}.",
         "",
         f"![training curves]({FIGURE_FILE})",
         "",
@@ -361,7 +483,14 @@ def write_report(run_dirs: Sequence[str], out: str | None = None) -> dict[str, A
     report_path = os.path.join(out, REPORT_FILE)
     with open(report_path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    return {"table": table, "groups": groups, "figure": figure_path, "report": report_path}
+    return {
+        "table": table,
+        "groups": groups,
+        "figure": figure_path,
+        "report": report_path,
+        "csv": csv_path,
+        "latex": latex_path,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,9 +511,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_INPUT
     print(result["table"])
-    print(f"wrote {result['report']} and {result['figure']}")
+    print(f"wrote {result['report']}, {result['csv']}, {result['latex']} and {result['figure']}")
     return exitcodes.DONE
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``gdreg-report``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

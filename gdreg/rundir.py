@@ -2,6 +2,7 @@
 
     WORKDIR/config.json       the resolved configuration (written at start-up)
     WORKDIR/metrics.jsonl     one JSON object per epoch, with at least ``epoch``
+    WORKDIR/tensorboard/      the same metrics as TensorBoard events (gdreg.summaries)
     WORKDIR/checkpoints/N/    orbax checkpoints (gdreg.checkpoint)
 
 The only module that knows these names and formats; :mod:`gdreg.train` writes through it,
@@ -24,6 +25,7 @@ from gdreg.config import base_config
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class RunDirError(Exception):
@@ -95,18 +97,20 @@ class MetricsWriter:
     """Appends one JSON object per line to ``workdir/metrics.jsonl``.
 
     Records of epochs after ``resume_epoch`` (written before an interruption, and to be run
-    again) are dropped on construction, so the file reads like an uninterrupted run.
-    ``enabled=False`` (processes other than 0) writes nothing.
+    again) are dropped on construction, so the file reads like an uninterrupted run; the
+    records kept are ``previous``. ``enabled=False`` (processes other than 0) writes nothing.
     """
 
     def __init__(self, workdir: str, resume_epoch: int, *, enabled: bool = True) -> None:
         self.path = os.path.join(workdir, METRICS_FILE)
         self.enabled = enabled
+        self.previous: list[dict[str, Any]] = []
         if self.enabled and os.path.exists(self.path):
             with open(self.path) as handle:
                 kept = [line for line in handle if json.loads(line)["epoch"] <= resume_epoch]
             with open(self.path, "w") as handle:
                 handle.writelines(kept)
+            self.previous = [json.loads(line) for line in kept]
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.enabled:

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from gdreg import checkpoint, rundir
+from gdreg import checkpoint, rundir, summaries
 from gdreg.experiment import Run, TrainState, build, epoch_layouts, initial_state
 from gdreg.progress import ProgressBar
 from gdreg.sharding import fetch_replicated, replicate
@@ -151,13 +151,14 @@ class _StopRequest:
         return bool(np.any(flags))
 
 
-def _progress_text(record: dict[str, Any]) -> str:
+def progress_text(record: dict[str, Any], test_accuracy: float | None = None) -> str:
+    """The figures of an epoch for the console: loss, accuracy, |g|, lr, s/epoch, test."""
     text = (
         f"loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f} "
         f"|g| {record['grad_norm']:.3f} lr {record['lr']:.4f} {record['seconds']:.2f}s/epoch"
     )
-    if "test_accuracy" in record:
-        text += f" test {record['test_accuracy']:.4f}"
+    if test_accuracy is not None:
+        text += f" test {test_accuracy:.4f}"
     return text
 
 
@@ -191,7 +192,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = replicate(host_state, run.mesh)
     start_epoch = int(host_state.epoch)
     metrics_writer = rundir.MetricsWriter(workdir, start_epoch, enabled=is_first_process)
+    tensorboard = summaries.TensorBoardWriter(
+        workdir,
+        config,
+        metrics_writer.previous,
+        enabled=is_first_process and config.log.tensorboard,
+    )
     progress = ProgressBar(config.train.epochs, start=start_epoch, enabled=config.log.progress)
+    # The latest test accuracy stays on the console between evaluations.
+    test_accuracy = next(
+        (r["test_accuracy"] for r in reversed(metrics_writer.previous) if "test_accuracy" in r),
+        None,
+    )
     apply_update = make_apply_update(run.optimizer.tx)
     logging.info(
         "%s training of %s on %s: %d training images (%d virtual), %d devices in %d processes",
@@ -221,7 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if _due(done, config.eval.every_epochs, epochs):
                     record.update(evaluate(state))
                 metrics_writer.write(record)
-                progress.update(done, _progress_text(record))
+                tensorboard.write(record)
+                test_accuracy = record.get("test_accuracy", test_accuracy)
+                progress.update(done, progress_text(record, test_accuracy))
                 if _due(done, config.checkpoint.every_epochs, epochs):
                     save(state)
                 if stop.any_process() and done < epochs:
@@ -230,5 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not record:  # nothing left to train: report the checkpoint's test metrics
             record = {"epoch": start_epoch, **evaluate(state)}
     finally:
+        progress.close()
+        tensorboard.close()
         manager.close()
     return record

@@ -129,3 +129,20 @@ def test_a_missing_tfds_dataset_names_the_flag(tmp_path):
     message = str(info.value)
     assert message.endswith("pass that folder as data_dir (--config.data.data_dir)"), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("model", "parameters"),
+    [("resnet18", 11_173_962), ("resnet50", 23_520_842), ("densenet121", 6_956_298)],
+)
+def test_paper_configs_build_the_papers_networks(model, parameters):
+    import jax
+    import numpy as np
+
+    config = config_lib.paper_config(model, "strong", dataset="synthetic")
+    config.data.synthetic_train_size, config.data.synthetic_test_size = 64, 8
+    run = experiment.build(config)
+    variables = jax.eval_shape(
+        lambda: run.model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
+    )
+    assert sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"])) == parameters

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +129,19 @@ def check_two_directions_write_json_csv_and_contour_plot(workdir, out):
     assert float(rows[4]["loss"]) == pytest.approx(loss[1, 1], rel=1e-6)
     picture = mpimg.imread(os.path.join(out, "landscape.png"))
     assert picture.shape[:2] == (600, 900)
+    # The same picture in the run's TensorBoard, as run "landscape" at the checkpoint's epoch.
+    import tensorflow as tf
+
+    (events,) = (Path(workdir) / "tensorboard" / "landscape").glob("events.out.tfevents.*")
+    images = [
+        (event.step, value.image)
+        for event in tf.compat.v1.train.summary_iterator(str(events))
+        for value in event.summary.value
+        if value.HasField("image")
+    ]
+    assert [(step, image.height, image.width) for step, image in images] == [
+        (result["epoch"], 600, 900)
+    ]
 
 
 def test_stochastic_runs_use_the_epoch_minibatches_as_blocks():

@@ -150,12 +150,15 @@ def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
 
 
 def _assert_single_writer(workdir: Path) -> None:
-    """One metrics file, one config, one checkpoint directory with exactly one committed step."""
+    """One metrics file, one config, one event file, one checkpoint directory with exactly one
+    committed step."""
     assert sorted(p.name for p in workdir.iterdir()) == [
         "checkpoints",
         "config.json",
         "metrics.jsonl",
+        "tensorboard",
     ]
+    assert len(list((workdir / "tensorboard").iterdir())) == 1
     steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert steps == ["3"], steps
     files = [p for p in (workdir / "checkpoints").rglob("*")]
@@ -346,6 +349,7 @@ def test_slurm_job_is_preempted_requeued_and_resumes(processes, tmp_path):
         "checkpoints",
         "config.json",
         "metrics.jsonl",
+        "tensorboard",
     ]
 
 

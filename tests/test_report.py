@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -11,7 +12,7 @@ from matplotlib import image as mpimg
 from problems import tiny_run_config
 
 from gdreg import report, rundir, train
-from gdreg.config import apply_row, base_config
+from gdreg.config import apply_row, base_config, paper_config
 
 
 def tiny_config(mode: str):
@@ -196,3 +197,51 @@ def test_reading_runs_needs_no_jax():
 
     code = "import sys, gdreg.report; assert 'jax' not in sys.modules, 'jax was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def fake_run(path, config, epochs, test_accuracy):
+    """A run directory as training leaves it (config.json, metrics.jsonl), without training."""
+    os.makedirs(path)
+    rundir.write_config(str(path), config)
+    writer = rundir.MetricsWriter(str(path), 0)
+    for epoch in range(1, epochs + 1):
+        record = {"epoch": epoch, "train_loss": 1.0 / epoch, "images": 49_920}
+        writer.write({**record, "test_accuracy": test_accuracy} if epoch == epochs else record)
+    return str(path)
+
+
+def test_paper_rows_show_the_papers_numbers_and_flag_short_runs(tmp_path, capsys):
+    strong = fake_run(tmp_path / "strong", paper_config("resnet18", "strong"), 3000, 0.9580)
+    quick = paper_config("resnet50", "practice")
+    quick.data.train_size = 1024
+    quick.train.epochs = 40
+    short = fake_run(tmp_path / "short", quick, 40, 0.5)
+    wide = paper_config("densenet121", "sgd")
+    wide.model.width = 12
+    narrow = fake_run(tmp_path / "narrow", wide, 300, 0.9)
+    other = fake_run(tmp_path / "other", tiny_config("fullbatch"), 3, 0.25)
+
+    assert report.main([strong, short, narrow, other, "--out", str(tmp_path / "out")]) == 0
+    rows = parse_table(capsys.readouterr().out.split("wrote")[0])
+    by_label = {row["Row"]: row for row in rows}
+    row = by_label["FB strong reg."]
+    assert row["Test accuracy (%)"] == "95.80" and row["Paper (%)"] == "95.67 ± 0.08"
+    assert row["Difference"] == "+0.13" and row["Comparable"] == "yes"
+    row = by_label["FB in practice"]
+    assert row["Paper (%)"] == "96.56" and row["Difference"] == "-46.56"
+    assert row["Comparable"] == "no: 1,024 of 50,000 images; 40 of 3,000 epochs"
+    row = by_label["Baseline SGD"]
+    assert row["Paper (%)"] == "95.84" and row["Comparable"] == "no: model.width 12 (paper 32)"
+    row = by_label["other"]
+    assert row["Paper (%)"] == row["Difference"] == row["Comparable"] == "-"
+
+    with open(tmp_path / "out" / "report.csv", newline="") as handle:
+        table = list(csv.reader(handle))
+    assert table[0] == list(report.COLUMNS)
+    assert [line[:9] for line in table[1:]] == [
+        [row[name] for name in report.COLUMNS[:9]] for row in rows
+    ]
+    latex = (tmp_path / "out" / "report.tex").read_text()
+    assert latex.startswith("\\begin{tabular}{llrrlrrrrl}")
+    assert "95.67 $\\pm$ 0.08" in latex and "\\end{tabular}" in latex
+    assert latex.count(" \\\\\n") == 1 + len(rows)

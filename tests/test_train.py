@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 from problems import tiny_run_config
 
 from gdreg import config as config_lib
-from gdreg import experiment, rundir, train
+from gdreg import experiment, rundir, summaries, train
 from gdreg.config import paper_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +166,40 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert strip_timing([resumed]) == strip_timing([whole])
     a, b = restore_params(tmp_path / "whole", 4), restore_params(tmp_path / "killed", 4)
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    # TensorBoard holds every epoch once, with the numbers of metrics.jsonl.
+    for run in ("whole", "killed"):
+        assert_tensorboard_equals_metrics(tmp_path / run)
+
+
+def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of every scalar in ``workdir/tensorboard``, read by TensorFlow."""
+    import tensorflow as tf
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    paths = sorted((Path(workdir) / rundir.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert paths, f"no event file in {workdir}"
+    for path in paths:
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def assert_tensorboard_equals_metrics(workdir):
+    scalars = tensorboard_scalars(workdir)
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in rundir.read_metrics(workdir):
+        for key, value in record.items():
+            if key != "epoch":
+                expected.setdefault(summaries.tag(key), []).append((record["epoch"], value))
+    assert sorted(scalars) == sorted(expected)
+    for name, points in expected.items():
+        steps = [step for step, _ in scalars[name]]
+        assert steps == [step for step, _ in points], name  # each epoch once, in order
+        np.testing.assert_allclose(  # TensorBoard stores float32
+            [value for _, value in scalars[name]], [v for _, v in points], rtol=1e-6, err_msg=name
+        )
 
 
 def test_resume_from_a_checkpoint_without_penalty_state(tmp_path):
@@ -381,4 +416,32 @@ def test_second_table_configs_share_the_resnet18_rows(model):
         assert config.model.name == model
         expected = paper_config("resnet18", row)
         expected.model.name = model
+        expected.model.width = {"densenet121": 32}.get(model, 64)  # DenseNet: growth rate 32
         assert config.to_dict() == expected.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        (
+            "gdreg-train",
+            ["--config=configs/resnet18_fb.py:quick", "--workdir=w", "--config.optim.lr=-1"],
+        ),
+        ("gdreg-report", ["no-such-run"]),
+        ("gdreg-landscape", ["--workdir=no-such-run"]),
+        ("gdreg-bench", ["--config=configs/resnet18_fb.py:sgd"]),
+    ],
+)
+def test_console_entry_points_are_the_modules(tmp_path, script, args):
+    """The installed scripts run the modules: one error line, exit status 2, nothing written."""
+    path = Path(sys.executable).parent / script
+    assert path.is_file(), f"{script} is not installed next to {sys.executable}"
+    configs = os.path.join(REPO, "configs")
+    args = [arg.replace("configs/", configs + "/") for arg in args]
+    result = subprocess.run(
+        [str(path), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
