@@ -198,12 +198,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metrics_writer.previous,
         enabled=is_first_process and config.log.tensorboard,
     )
-    progress = ProgressBar(config.train.epochs, start=start_epoch, enabled=config.log.progress)
-    # The latest test accuracy stays on the console between evaluations.
-    test_accuracy = next(
-        (r["test_accuracy"] for r in reversed(metrics_writer.previous) if "test_accuracy" in r),
-        None,
-    )
     apply_update = make_apply_update(run.optimizer.tx)
     logging.info(
         "%s training of %s on %s: %d training images (%d virtual), %d devices in %d processes",
@@ -214,6 +208,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run.num_virtual_images,
         run.mesh.devices.size,
         jax.process_count(),
+    )
+    progress = ProgressBar(config.train.epochs, start=start_epoch, enabled=config.log.progress)
+    # The latest test accuracy stays on the console between evaluations.
+    test_accuracy = next(
+        (r["test_accuracy"] for r in reversed(metrics_writer.previous) if "test_accuracy" in r),
+        None,
     )
 
     def evaluate(state: TrainState) -> dict[str, float]:
