@@ -33,7 +33,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdreg import distributed, exitcodes, experiment, train
+from gdreg import cli, distributed, exitcodes, experiment, train
 from gdreg.config import ConfigError, require_full_batch
 from gdreg.sharding import replicate
 
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point ``gdreg-bench``."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdreg import exitcodes
+from gdreg import cli, exitcodes
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -98,7 +98,7 @@ def _train() -> int:
 
 def run() -> None:
     """Console entry point ``gdreg-train`` (the same as ``python -m gdreg.main``)."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
