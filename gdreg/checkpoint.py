@@ -8,7 +8,9 @@ it, so a run can resume on another number of GPUs or nodes.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gdreg.experiment import TrainState
-from gdreg.rundir import CHECKPOINT_DIR
+from gdreg.rundir import CHECKPOINT_DIR, DAMAGED_CHECKPOINT_DIR, RunDirError
 from gdreg.types import PyTree
 
 
@@ -34,30 +36,83 @@ def has_checkpoints(workdir: str) -> bool:
     return os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, template: TrainState, mesh: Mesh, *, steps_per_epoch: int = 1
-) -> TrainState | None:
-    """The newest checkpoint's state, shaped like ``template``, or None if there is none.
+class DamagedCheckpointsError(RunDirError):
+    """There are checkpoints, but none of them can be read."""
 
-    The arrays are restored replicated over ``mesh``. Checkpoints of runs without a penalty
-    written before the penalty state was always kept (they hold ``penalty_state = {}``) are
-    read too: their penalty state is the template's, its step count moved to the restored
-    epoch (``epoch * steps_per_epoch`` updates).
+
+def restore_latest(
+    manager: ocp.CheckpointManager,
+    template: TrainState,
+    mesh: Mesh,
+    *,
+    steps_per_epoch: int = 1,
+    move_damaged: bool = True,
+) -> TrainState | None:
+    """The newest checkpoint that can be read, shaped like ``template``; None if there is none.
+
+    The arrays are restored replicated over ``mesh``. A checkpoint that cannot be read (a
+    damaged file, an empty or unfinished step folder) is reported in one warning line and the
+    next older one is tried; with ``move_damaged`` (process 0) the damaged ones are moved to
+    ``WORKDIR/damaged_checkpoints/`` (kept, and out of the way of new checkpoints of the same
+    step). Raises :class:`DamagedCheckpointsError` when there were checkpoints but none could be
+    read.
+
+    Checkpoints of runs without a penalty written before the penalty state was always kept
+    (they hold ``penalty_state = {}``) are read too: their penalty state is the template's, its
+    step count moved to the restored epoch (``epoch * steps_per_epoch`` updates).
     """
-    latest = manager.latest_step()
-    if latest is None:
-        return None
+    damaged: list[int] = []
+    state = None
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = _restore(manager, step, template, mesh, steps_per_epoch)
+            break
+        except Exception as error:  # orbax raises many kinds of error for a damaged file
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            logging.warning("checkpoint %d cannot be read (%s); trying an older one", step, reason)
+            damaged.append(step)
+    if damaged and move_damaged:
+        _move_aside(manager, damaged)
+    if damaged:
+        manager.reload()
+    if state is None and damaged:
+        raise DamagedCheckpointsError(
+            f"no checkpoint in {manager.directory} can be read (steps "
+            f"{', '.join(map(str, damaged))}, moved to {DAMAGED_CHECKPOINT_DIR}/)"
+        )
+    return state
+
+
+def _restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    template: TrainState,
+    mesh: Mesh,
+    steps_per_epoch: int,
+) -> TrainState:
     try:
-        return manager.restore(latest, args=ocp.args.StandardRestore(_abstract(template, mesh)))
+        return manager.restore(step, args=ocp.args.StandardRestore(_abstract(template, mesh)))
     except ValueError as error:
         if "penalty_state" not in str(error):
             raise
     # An empty dict inside a NamedTuple target does not match orbax's metadata; in a dict it does.
     legacy = {**template._asdict(), "penalty_state": {}}
-    state = manager.restore(latest, args=ocp.args.StandardRestore(_abstract(legacy, mesh)))
+    state = manager.restore(step, args=ocp.args.StandardRestore(_abstract(legacy, mesh)))
     epoch = int(np.asarray(state["epoch"].addressable_data(0)))
     count = np.asarray(epoch * steps_per_epoch, np.int32)
     return TrainState(**{**state, "penalty_state": template.penalty_state._replace(count=count)})
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves the step folders ``steps`` to ``WORKDIR/damaged_checkpoints/<step>[.N]``."""
+    directory = os.fspath(manager.directory)
+    target_root = os.path.join(os.path.dirname(directory), DAMAGED_CHECKPOINT_DIR)
+    os.makedirs(target_root, exist_ok=True)
+    for step in steps:
+        target, copy = os.path.join(target_root, str(step)), 1
+        while os.path.exists(target):
+            target, copy = os.path.join(target_root, f"{step}.{copy}"), copy + 1
+        shutil.move(os.path.join(directory, str(step)), target)
 
 
 def _abstract(tree: PyTree, mesh: Mesh) -> PyTree:

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet18"  # see gdreg.models.model_names()
-    config.model.width = 64  # channels of the first stage (DenseNet: growth rate); 0: default
+    config.model.width = 64  # channels of the first stage (DenseNet: growth rate 32 in the paper)
     config.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
 
     config.data = ml_collections.ConfigDict()
@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_epochs = 50  # 0: only at the end (and on SIGTERM)
     config.checkpoint.keep = 3
+    # On resume, when no checkpoint is intact (they are moved to WORKDIR/damaged_checkpoints):
+    # False ends with an error, True starts the run again from epoch 0.
+    config.checkpoint.restart_if_damaged = False
 
     config.log = ml_collections.ConfigDict()
     config.log.progress = True  # progress bar on the console
@@ -235,7 +238,7 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
     """(holds, field, what it must be) for every numeric field."""
     data, train, optim = config.data, config.train, config.optim
     return [
-        (config.model.width >= 0, "model.width", "must be >= 0 (0: the model's default)"),
+        (config.model.width >= 1, "model.width", "must be a positive number of channels"),
         (data.train_size >= 0, "data.train_size", "must be >= 0 (0: all)"),
         (data.test_size >= 0, "data.test_size", "must be >= 0 (0: all)"),
         (data.copies >= 1, "data.copies", "must be >= 1"),
@@ -301,6 +304,83 @@ def require_full_batch(config: ml_collections.ConfigDict, program: str) -> None:
         raise ConfigError(
             f"train.mode={config.train.mode!r}: {program} works on full-batch steps only"
         )
+
+
+#: Fields that change how a run executes or is logged, never what it computes. They may
+#: change when a run resumes, and runs that differ only in them are seeds of one table row.
+RUNTIME_FIELDS = (
+    "data.data_dir",
+    "data.download",
+    "train.blocks_per_microbatch",
+    "train.microbatch_loop",
+    "train.block_loop",
+    "train.cpu_devices",
+    "eval.every_epochs",
+    "eval.batch_size",
+    "checkpoint",
+    "log",
+)
+#: Fields that decide the shapes of the checkpointed state: a resumed run cannot change them.
+STATE_FIELDS = (
+    "model.name",
+    "model.width",
+    "data.name",
+    "data.synthetic_shape",
+    "data.synthetic_num_classes",
+)
+#: Optimizer fields whose switching on or off (0 <-> positive) changes the optimizer's state.
+STATE_SWITCHES = ("optim.momentum", "optim.clip_norm", "optim.weight_decay")
+
+
+def in_fields(field: str, fields: tuple[str, ...]) -> bool:
+    """Whether ``field`` is one of ``fields`` or lies in one of them (a section)."""
+    return any(field == name or field.startswith(name + ".") for name in fields)
+
+
+def resume_changes(
+    saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, *, allow: bool
+) -> dict[str, tuple[Any, Any]]:
+    """The fields a resumed run changes, ``{field: (saved value, new value)}``.
+
+    Raises :class:`ConfigError` for a change to a field of :data:`STATE_FIELDS` or the switching
+    of a :data:`STATE_SWITCHES` field (always), and for any other change outside
+    :data:`RUNTIME_FIELDS` and ``train.epochs`` (training longer or shorter) unless ``allow``
+    (``gdreg.main --allow_config_change``).
+    """
+    from gdreg.rundir import flatten
+
+    old, new = flatten(saved), flatten(config)
+    changed = {
+        field: (old.get(field), new.get(field))
+        for field in sorted(old.keys() | new.keys())
+        if old.get(field) != new.get(field) and not in_fields(field, RUNTIME_FIELDS)
+    }
+
+    def describe(fields):
+        return "; ".join(
+            f"{field} {changed[field][0]!r} -> {changed[field][1]!r}" for field in fields
+        )
+
+    refused = [field for field in changed if in_fields(field, STATE_FIELDS)]
+    refused += [
+        field
+        for field in changed
+        if field in STATE_SWITCHES and (changed[field][0] > 0) != (changed[field][1] > 0)
+    ]
+    if refused:
+        raise ConfigError(
+            f"cannot resume with another {', '.join(refused)} ({describe(refused)}): the "
+            "checkpoints hold another state; use a new --workdir"
+        )
+    # Only where the run stops: the steps it took and will take stay the same.
+    needs_permission = [field for field in changed if field != "train.epochs"]
+    if needs_permission and not allow:
+        raise ConfigError(
+            f"the config differs from the run's config.json ({describe(needs_permission)}); pass "
+            "--allow_config_change to resume with it (the change is kept in "
+            "config_history.jsonl), or use a new --workdir"
+        )
+    return changed
 
 
 def check_dataset_fits(config: ml_collections.ConfigDict, num_virtual_images: int) -> None:

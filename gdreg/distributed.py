@@ -298,6 +298,13 @@ def _differences(mine: str, theirs: str, limit: int = 5) -> str:
     return "; ".join(parts) or "the configs differ"
 
 
+def all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (a collective call: every process must make it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(_allgather(np.asarray([ok]))))
+
+
 def _allgather(array: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 

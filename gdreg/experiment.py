@@ -112,7 +112,7 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module
         return create_model(
             config.model.name,
             num_classes=num_classes,
-            width=config.model.width or None,
+            width=config.model.width,
             dtype=config.model.dtype,
         )
 

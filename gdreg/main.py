@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdreg import cli, exitcodes
+from gdreg import cli, exitcodes, preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -31,12 +31,26 @@ flags.DEFINE_integer(
     300,
     "Seconds to wait for all processes to join; a process still waiting then exits with code 4.",
 )
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume even if the config differs from the run's config.json in fields that change the "
+    "result (the change is kept in config_history.jsonl); model and data shapes never change.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        return exitcodes.BAD_INPUT
+    # First of all: from now on SIGTERM/SIGINT are remembered, and the run stops cleanly
+    # (exit 75) at the next point where it can, also during start-up and compilation.
+    with preemption.StopRequest() as stop:
+        return _start(stop)
+
+
+def _start(stop: preemption.StopRequest) -> int:
     logging.getLogger().setLevel(logging.INFO)
     # Libraries that log through absl (orbax: dozens of lines per checkpoint) speak only up
     # from warnings; gdreg's own messages go through the root logger.
@@ -62,19 +76,24 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         code = exitcodes.BAD_INPUT
     else:
-        code = _train()
+        code = _train(stop)
     # Every process gets here with the same code (the errors above are raised on every
     # process alike), so leaving the runtime together does not wait on a missing process.
     distributed.shutdown()
     return code
 
 
-def _train() -> int:
-    from gdreg import config, data, train
+def _train(stop: preemption.StopRequest) -> int:
+    from gdreg import config, data, rundir, train
 
     try:
-        record = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (config.ConfigError, data.DatasetNotFoundError) as error:
+        record = train.train_and_evaluate(
+            FLAGS.config,
+            FLAGS.workdir,
+            stop=stop,
+            allow_config_change=FLAGS.allow_config_change,
+        )
+    except (config.ConfigError, data.DatasetNotFoundError, rundir.RunDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_INPUT
     except train.TrainingDivergedError as error:

@@ -54,7 +54,14 @@ from typing import Any
 import numpy as np
 
 from gdreg import exitcodes, rundir
-from gdreg.config import PAPER_TABLE, PAPER_WIDTHS, ROW_TITLES, base_config
+from gdreg.config import (
+    PAPER_TABLE,
+    PAPER_WIDTHS,
+    ROW_TITLES,
+    RUNTIME_FIELDS,
+    base_config,
+    in_fields,
+)
 from gdreg.rundir import RunDirError
 
 FIGURE_FILE = "curves.png"
@@ -67,17 +74,7 @@ FIGURE_SIZE_PX = (1000, 750)
 FIGURE_DPI = 100
 # Config fields (and sections) that do not change what a run computes; runs that differ only
 # in these and in the seed are seeds of one row.
-NOT_GROUPED_BY = (
-    "seed",
-    "data.data_dir",
-    "log",
-    "checkpoint",
-    "train.blocks_per_microbatch",
-    "train.microbatch_loop",
-    "train.block_loop",
-    "eval.every_epochs",
-    "eval.batch_size",
-)
+NOT_GROUPED_BY = ("seed", *RUNTIME_FIELDS)
 _PAPER_BLOCK_SIZE = base_config().train.block_size
 COLUMNS = (
     "Row",
@@ -165,7 +162,7 @@ def load_run(path: str) -> RunRecord:
 
 
 def _not_grouped_by(field: str) -> bool:
-    return any(field == skip or field.startswith(skip + ".") for skip in NOT_GROUPED_BY)
+    return in_fields(field, NOT_GROUPED_BY)
 
 
 def _group_key(config: dict[str, Any]) -> str:

@@ -1,6 +1,8 @@
 """The run directory: what a training run writes to its ``--workdir`` and how it is read back.
 
     WORKDIR/config.json       the resolved configuration (written at start-up)
+    WORKDIR/config_history.jsonl   changes made when resuming (--allow_config_change)
+    WORKDIR/.lock             held by the run using the directory (host, pid, since)
     WORKDIR/metrics.jsonl     one JSON object per epoch, with at least ``epoch``
     WORKDIR/tensorboard/      the same metrics as TensorBoard events (gdreg.summaries)
     WORKDIR/checkpoints/N/    orbax checkpoints (gdreg.checkpoint)
@@ -13,8 +15,12 @@ one-line message names the file and what is wrong.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +31,10 @@ from gdreg.config import base_config
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_CHECKPOINT_DIR = "damaged_checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+LOCK_FILE = ".lock"
 
 
 class RunDirError(Exception):
@@ -39,6 +48,17 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes ``config`` to ``workdir/config.json`` (sorted keys, indented)."""
     with open(os.path.join(workdir, CONFIG_FILE), "w") as handle:
         handle.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def append_config_history(workdir: str, epoch: int, changes: Mapping[str, Any]) -> None:
+    """Records, in ``config_history.jsonl``, the fields a run changed when it resumed."""
+    line = {
+        "resumed_at_epoch": epoch,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "changes": {field: {"from": old, "to": new} for field, (old, new) in changes.items()},
+    }
+    with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as handle:
+        handle.write(json.dumps(line, default=str) + "\n")
 
 
 def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
@@ -106,16 +126,23 @@ class MetricsWriter:
         self.enabled = enabled
         self.previous: list[dict[str, Any]] = []
         if self.enabled and os.path.exists(self.path):
-            with open(self.path) as handle:
-                kept = [line for line in handle if json.loads(line)["epoch"] <= resume_epoch]
-            with open(self.path, "w") as handle:
-                handle.writelines(kept)
-            self.previous = [json.loads(line) for line in kept]
+            records = _parse_metrics(self.path)
+            self.previous = [record for record in records if record["epoch"] <= resume_epoch]
+            # Written to a new file, then renamed: a kill now leaves the old file or the new.
+            partial = self.path + ".partial"
+            with open(partial, "w") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in self.previous)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, self.path)
 
     def write(self, record: Mapping[str, Any]) -> None:
+        """Appends ``record`` and forces it to disk (a kill cannot tear an earlier line)."""
         if self.enabled:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -139,18 +166,75 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
             f"{workdir}: no {METRICS_FILE}, not a training run directory"
             + (hint if runs_below else "")
         )
-    records = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RunDirError(f"{path} line {number}: not JSON ({error})") from None
-            if not isinstance(record, dict) or "epoch" not in record:
-                raise RunDirError(f"{path} line {number}: not a metrics record")
-            records.append(record)
+    records = _parse_metrics(path)
     if not records:
         raise RunDirError(f"{path}: no epochs recorded yet")
     return records
+
+
+def _parse_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics file; a last line cut short by a kill is left out.
+
+    Only a last line without its newline counts as torn; anything else that is not a record
+    raises :class:`RunDirError`.
+    """
+    with open(path) as handle:
+        lines = handle.readlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        torn = number == len(lines) and not line.endswith("\n")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if torn:
+                logging.warning("%s: leaving out its last line, cut short: %r", path, line[:60])
+                continue
+            raise RunDirError(f"{path} line {number}: not JSON ({error})") from None
+        if not isinstance(record, dict) or "epoch" not in record:
+            raise RunDirError(f"{path} line {number}: not a metrics record")
+        records.append(record)
+    return records
+
+
+# ----- the lock ---------------------------------------------------------------------------
+
+
+class WorkdirLock:
+    """An exclusive lock on a run directory, held while a run uses it.
+
+    ``flock`` on ``WORKDIR/.lock``: the operating system releases it when the holder exits,
+    however it exits, so a lock left by a killed run is never in the way. The file names the
+    holder (host, pid, since when) for the message a second run gets.
+    """
+
+    def __init__(self, workdir: str) -> None:
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._handle = None
+
+    def acquire(self) -> None:
+        """Takes the lock; :class:`RunDirError` naming the holder if another run has it."""
+        handle = open(self.path, "a+")  # noqa: SIM115  (held open while the lock is held)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirError(
+                f"{os.path.dirname(self.path)} is in use by {holder}; wait for that run to end "
+                "or use another --workdir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {since}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None

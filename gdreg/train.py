@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +26,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from gdreg import checkpoint, rundir, summaries
+from gdreg import checkpoint, distributed, rundir, summaries
+from gdreg.config import as_flag, resume_changes
 from gdreg.experiment import Run, TrainState, build, epoch_layouts, initial_state
+from gdreg.preemption import StopRequest
 from gdreg.progress import ProgressBar
+from gdreg.rundir import RunDirError
 from gdreg.sharding import fetch_replicated, replicate
 from gdreg.types import PyTree
 
@@ -119,38 +121,6 @@ def run_epoch(
     return new_state, record
 
 
-class _StopRequest:
-    """Remembers a SIGTERM/SIGINT so the loop can checkpoint before exiting."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            # Outside the main thread signals cannot be caught; leave them alone there.
-            with contextlib.suppress(ValueError):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        logging.warning("received signal %d: finishing this epoch, then checkpointing", signum)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def any_process(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
-
-
 def progress_text(record: dict[str, Any], test_accuracy: float | None = None) -> str:
     """The figures of an epoch for the console: loss, accuracy, |g|, lr, s/epoch, test."""
     text = (
@@ -170,27 +140,136 @@ def _due(done: int, every: int, last: int) -> bool:
     return done == last or bool(every and done % every == 0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop: StopRequest | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Trains per ``config``, writing metrics and checkpoints to ``workdir``; resumes from it.
 
-    Returns the last metric record (with the final test metrics).
+    ``stop``: the SIGTERM/SIGINT handler, installed by the caller (``gdreg.main`` does so before
+    anything else); by default one is installed for the duration of the call.
+    ``allow_config_change``: resume even if ``config`` differs from the run's ``config.json``
+    in fields that change the result (see :func:`gdreg.config.resume_changes`).
+
+    Returns the last metric record (with the final test metrics). Raises
+    :class:`gdreg.config.ConfigError` or :class:`gdreg.rundir.RunDirError` (one-line messages)
+    for what the user must fix, :class:`TrainingDivergedError` and :class:`Preempted`.
     """
-    run = build(config)
+    run = build(config)  # validates the config before anything is written
     is_first_process = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_first_process:
-        rundir.write_config(workdir, config)
+    with contextlib.ExitStack() as cleanup:
+        if stop is None:
+            stop = cleanup.enter_context(StopRequest())
+        cleanup.enter_context(_locked(workdir, is_first_process))
+        return _train(run, workdir, stop, allow_config_change, cleanup)
 
-    manager = checkpoint.checkpoint_manager(workdir, config.checkpoint.keep)
+
+@contextlib.contextmanager
+def _locked(workdir: str, is_first_process: bool):
+    """Holds the workdir's lock (process 0 takes it; every process learns whether it could)."""
+    lock = rundir.WorkdirLock(workdir)
+    problem = None
+    if is_first_process:
+        try:
+            lock.acquire()
+        except RunDirError as error:
+            problem = error
+    if not distributed.all_processes(problem is None):
+        raise problem or RunDirError(f"{workdir} is in use by another run")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _resume_config(config: ml_collections.ConfigDict, workdir: str, allow: bool) -> dict:
+    """Checks ``config`` against the run's saved config.json (if any); returns the changes."""
+    if not os.path.isfile(os.path.join(workdir, rundir.CONFIG_FILE)):
+        return {}
+    return resume_changes(rundir.read_config(workdir), config, allow=allow)
+
+
+def _restore(run: Run, manager, is_first_process: bool) -> TrainState:
+    """The newest readable checkpoint's state, or the initial state (see checkpoint.py)."""
     host_state = initial_state(run)
-    restored = checkpoint.restore_latest(
-        manager, host_state, run.mesh, steps_per_epoch=run.steps_per_epoch
+    try:
+        restored = checkpoint.restore_latest(
+            manager,
+            host_state,
+            run.mesh,
+            steps_per_epoch=run.steps_per_epoch,
+            move_damaged=is_first_process,
+        )
+    except checkpoint.DamagedCheckpointsError as error:
+        if not run.config.checkpoint.restart_if_damaged:
+            flag = as_flag("checkpoint.restart_if_damaged")
+            raise RunDirError(f"{error}; rerun with {flag}=True to start again") from None
+        logging.warning("%s; starting again from epoch 0", error)
+        restored = None
+    if restored is None:
+        return host_state
+    logging.info("resuming from the checkpoint of epoch %d", int(restored.epoch))
+    return restored
+
+
+def _log_images_used(run: Run, epoch: int) -> None:
+    """Says how many training images a step uses, and how many it leaves out and why."""
+    config = run.config
+    used = sum(layout.size for layout in epoch_layouts(run, epoch))
+    logging.info(
+        "%s training of %s on %s: %d training images (%d virtual), %d used per epoch; "
+        "%d devices in %d processes",
+        config.train.mode,
+        config.model.name,
+        run.dataset.name,
+        run.dataset.num_train,
+        run.num_virtual_images,
+        used,
+        run.mesh.devices.size,
+        jax.process_count(),
     )
-    if restored is not None:
-        host_state = restored
-        logging.info("resuming from the checkpoint of epoch %d", int(host_state.epoch))
-    state = replicate(host_state, run.mesh)
+    dropped = run.num_virtual_images - used
+    if dropped:
+        unit = "block" if config.train.mode == "fullbatch" else "minibatch"
+        size = config.train.block_size if unit == "block" else config.train.batch_size
+        logging.warning(
+            "%d of %d training images (%.1f%%) are left out of every epoch: they do not fill a "
+            "whole %s of %d%s",
+            dropped,
+            run.num_virtual_images,
+            100 * dropped / run.num_virtual_images,
+            unit,
+            size,
+            ""
+            if config.train.mode == "stochastic" or config.train.shuffle_blocks
+            else " (always the same images: the last ones)",
+        )
+
+
+def _train(
+    run: Run, workdir: str, stop: StopRequest, allow_config_change: bool, cleanup
+) -> dict[str, Any]:
+    config = run.config
+    is_first_process = jax.process_index() == 0
+    changes = _resume_config(config, workdir, allow_config_change)
+    manager = cleanup.enter_context(
+        contextlib.closing(checkpoint.checkpoint_manager(workdir, config.checkpoint.keep))
+    )
+    host_state = _restore(run, manager, is_first_process)
     start_epoch = int(host_state.epoch)
+    if is_first_process:
+        if changes:
+            logging.warning(
+                "resuming with a changed config: %s",
+                "; ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in changes.items()),
+            )
+            rundir.append_config_history(workdir, start_epoch, changes)
+        rundir.write_config(workdir, config)
+    state = replicate(host_state, run.mesh)
     metrics_writer = rundir.MetricsWriter(workdir, start_epoch, enabled=is_first_process)
     tensorboard = summaries.TensorBoardWriter(
         workdir,
@@ -198,18 +277,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metrics_writer.previous,
         enabled=is_first_process and config.log.tensorboard,
     )
+    cleanup.callback(tensorboard.close)
     apply_update = make_apply_update(run.optimizer.tx)
-    logging.info(
-        "%s training of %s on %s: %d training images (%d virtual), %d devices in %d processes",
-        config.train.mode,
-        config.model.name,
-        run.dataset.name,
-        run.dataset.num_train,
-        run.num_virtual_images,
-        run.mesh.devices.size,
-        jax.process_count(),
-    )
+    _log_images_used(run, start_epoch)
     progress = ProgressBar(config.train.epochs, start=start_epoch, enabled=config.log.progress)
+    cleanup.callback(progress.close)
     # The latest test accuracy stays on the console between evaluations.
     test_accuracy = next(
         (r["test_accuracy"] for r in reversed(metrics_writer.previous) if "test_accuracy" in r),
@@ -224,27 +296,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoint.save(manager, int(fetch_replicated(state.epoch)), state)
 
     epochs = config.train.epochs
+    if start_epoch < epochs and stop.any_process():
+        raise Preempted(f"stopped during start-up, before epoch {start_epoch + 1}; rerun to resume")
     record: dict[str, Any] = {}
-    try:
-        with _StopRequest() as stop:
-            for epoch in range(start_epoch, epochs):
-                state, record = run_epoch(run, state, apply_update)
-                done = epoch + 1
-                if _due(done, config.eval.every_epochs, epochs):
-                    record.update(evaluate(state))
-                metrics_writer.write(record)
-                tensorboard.write(record)
-                test_accuracy = record.get("test_accuracy", test_accuracy)
-                progress.update(done, progress_text(record, test_accuracy))
-                if _due(done, config.checkpoint.every_epochs, epochs):
-                    save(state)
-                if stop.any_process() and done < epochs:
-                    save(state)
-                    raise Preempted(f"stopped after epoch {done}; rerun to resume")
-        if not record:  # nothing left to train: report the checkpoint's test metrics
-            record = {"epoch": start_epoch, **evaluate(state)}
-    finally:
-        progress.close()
-        tensorboard.close()
-        manager.close()
+    for epoch in range(start_epoch, epochs):
+        state, record = run_epoch(run, state, apply_update)
+        done = epoch + 1
+        if _due(done, config.eval.every_epochs, epochs):
+            record.update(evaluate(state))
+        metrics_writer.write(record)
+        tensorboard.write(record)
+        test_accuracy = record.get("test_accuracy", test_accuracy)
+        progress.update(done, progress_text(record, test_accuracy))
+        if _due(done, config.checkpoint.every_epochs, epochs):
+            save(state)
+        if stop.any_process() and done < epochs:
+            save(state)
+            raise Preempted(f"stopped after epoch {done}; rerun to resume")
+    if not record:  # nothing left to train: report the checkpoint's test metrics
+        record = {"epoch": start_epoch, **evaluate(state)}
     return record

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -203,9 +204,9 @@ def _write_npz(path, **arrays):
 def _npz_arrays(rng, n_train=20, n_test=10, shape=(6, 5, 3)):
     return dict(
         x_train=rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
-        y_train=rng.integers(0, 4, n_train).astype(np.int64),
+        y_train=rng.permutation(np.arange(n_train) % 4).astype(np.int64),
         x_test=rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
-        y_test=rng.integers(0, 5, n_test).astype(np.int64),
+        y_test=rng.integers(0, 4, n_test).astype(np.int64),
     )
 
 
@@ -259,6 +260,19 @@ def test_npz_errors_name_the_field(tmp_path):
     message = _npz_error(tmp_path, **{**arrays, "y_test": arrays["y_test"][:-2]})
     assert "x_test" in message and "y_test" in message
     _npz_error(tmp_path, **{**arrays, "x_train": arrays["x_train"] * 2.0})  # float not in [0, 1]
+    # channels-first images, a test class the training set lacks, empty splits, NaN pixels
+    message = _npz_error(tmp_path, **{**arrays, "x_train": np.zeros((20, 3, 8, 8), np.uint8)})
+    assert "channels-first" in message and "x_train" in message
+    message = _npz_error(tmp_path, **{**arrays, "y_test": np.full(10, 50)})
+    assert "y_test has labels that y_train does not have (50)" in message
+    message = _npz_error(tmp_path, **{**arrays, "x_test": arrays["x_test"][:0], "y_test": []})
+    assert "the test split is empty" in message
+    nan_images = np.full((20, 6, 5, 3), np.nan, np.float32)
+    assert "x_train" in _npz_error(tmp_path, **{**arrays, "x_train": nan_images})
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(Path(_write_npz(tmp_path / "whole.npz", **arrays)).read_bytes()[:-200])
+    with pytest.raises(ValueError, match=r"^npz_path"):
+        data.load_dataset("npz", npz_path=str(truncated))
     not_npz = tmp_path / "not.npz"
     not_npz.write_bytes(b"definitely not a zip file")
     with pytest.raises(ValueError, match=r"^npz_path"):

@@ -153,6 +153,7 @@ def _assert_single_writer(workdir: Path) -> None:
     """One metrics file, one config, one event file, one checkpoint directory with exactly one
     committed step."""
     assert sorted(p.name for p in workdir.iterdir()) == [
+        ".lock",
         "checkpoints",
         "config.json",
         "metrics.jsonl",
@@ -346,6 +347,7 @@ def test_slurm_job_is_preempted_requeued_and_resumes(processes, tmp_path):
     assert [r["epoch"] for r in _read_metrics(workdir)] == list(range(1, epochs + 1))
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [stopped, epochs]
     assert sorted(p.name for p in workdir.iterdir()) == [
+        ".lock",
         "checkpoints",
         "config.json",
         "metrics.jsonl",

@@ -24,6 +24,8 @@ import os
 import socket
 import threading
 import urllib.parse
+import zipfile
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -321,9 +323,11 @@ def _hide_gpus_from_tensorflow() -> None:
 def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Reads and validates an npz dataset.
 
-    Images: uint8 ``[N, H, W, C]``; ``[N, H, W]`` (grayscale) gets a channel axis; float
-    images must lie in [0, 1] and are converted to uint8 (``round(x * 255)``); other
-    integer images must lie in 0..255. Labels: integers ``[N]`` (or ``[N, 1]``), >= 0.
+    Images: uint8 ``[N, H, W, C]`` with 1, 3 or 4 channels last; ``[N, H, W]`` (grayscale)
+    gets a channel axis; channels-first ``[N, C, H, W]`` is refused, not guessed; float
+    images must be finite and lie in [0, 1] and are converted to uint8 (``round(x * 255)``);
+    other integer images must lie in 0..255. Labels: integers ``[N]`` (or ``[N, 1]``), >= 0;
+    every test label must occur among the training labels; neither split may be empty.
     """
     if not npz_path:
         raise ValueError("npz_path must be set for the npz dataset")
@@ -333,7 +337,7 @@ def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, EOFError, ValueError) as e:  # not an npz/npy file, or pickled
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # not npz, or pickled
         raise ValueError(f"npz_path={npz_path!r}: cannot read it as .npz ({_one_line(e)})") from e
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ValueError(f"npz_path={npz_path!r}: holds a single array, not an .npz archive")
@@ -346,7 +350,8 @@ def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
             )
         try:
             arrays = {k: np.asarray(f[k]) for k in keys}
-        except ValueError as e:  # an object (pickled) array
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            # a pickled (object) array, or a damaged archive member
             raise ValueError(
                 f"npz_path={npz_path!r}: cannot read its arrays ({_one_line(e)})"
             ) from e
@@ -365,6 +370,16 @@ def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
             f"npz_path={npz_path!r}: x_train images are {out[0].shape[1:]} but x_test "
             f"images are {out[2].shape[1:]}"
         )
+    for split, labels in (("train", out[1]), ("test", out[3])):
+        if labels.size == 0:
+            raise ValueError(f"npz_path={npz_path!r}: the {split} split is empty")
+    unknown = np.setdiff1d(out[3], out[1])
+    if unknown.size:
+        raise ValueError(
+            f"npz_path={npz_path!r}: y_test has labels that y_train does not have "
+            f"({', '.join(str(label) for label in unknown[:5])}"
+            f"{', ...' if unknown.size > 5 else ''}); every test class must be a training class"
+        )
     return out[0], out[1], out[2], out[3]
 
 
@@ -375,13 +390,20 @@ def _npz_images(x: np.ndarray, npz_path: str, key: str) -> np.ndarray:
         raise ValueError(
             f"npz_path={npz_path!r}: {key} must be [N, H, W, C] or [N, H, W], got shape {x.shape}"
         )
+    if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+        raise ValueError(
+            f"npz_path={npz_path!r}: {key} of shape {x.shape} looks channels-first "
+            f"[N, C, H, W]; store it as [N, H, W, C] (np.transpose(x, (0, 2, 3, 1)))"
+        )
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if np.issubdtype(x.dtype, np.floating):
-        if x.size and (not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0):
+        if x.size and not np.isfinite(x).all():
+            bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+            raise ValueError(f"npz_path={npz_path!r}: {key} has {bad} NaN or infinite pixels")
+        if x.size and (x.min() < 0.0 or x.max() > 1.0):
             raise ValueError(
-                f"npz_path={npz_path!r}: float {key} must lie in [0, 1], "
-                f"got [{np.nanmin(x)}, {np.nanmax(x)}]"
+                f"npz_path={npz_path!r}: float {key} must lie in [0, 1], got [{x.min()}, {x.max()}]"
             )
         return np.round(x.astype(np.float64) * 255.0).astype(np.uint8)
     if np.issubdtype(x.dtype, np.integer):
