@@ -22,6 +22,9 @@ from gdreg.experiment import TrainState
 from gdreg.rundir import CHECKPOINT_DIR, DAMAGED_CHECKPOINT_DIR, RunDirError
 from gdreg.types import PyTree
 
+#: The item name orbax's CheckpointManager gives a single saved item: ``<step>/default``.
+ITEM_NAME = "default"
+
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     """Orbax manager for ``workdir/checkpoints``, keeping the newest ``keep`` checkpoints."""
@@ -90,14 +93,18 @@ def _restore(
     mesh: Mesh,
     steps_per_epoch: int,
 ) -> TrainState:
+    # Each step is read by a checkpointer of its own: after a failed read (a damaged step) the
+    # manager's own restore can refuse every other step too.
+    path = os.path.join(os.fspath(manager.directory), str(step), ITEM_NAME)
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        return manager.restore(step, args=ocp.args.StandardRestore(_abstract(template, mesh)))
+        return checkpointer.restore(path, _abstract(template, mesh))
     except ValueError as error:
         if "penalty_state" not in str(error):
             raise
     # An empty dict inside a NamedTuple target does not match orbax's metadata; in a dict it does.
     legacy = {**template._asdict(), "penalty_state": {}}
-    state = manager.restore(step, args=ocp.args.StandardRestore(_abstract(legacy, mesh)))
+    state = checkpointer.restore(path, _abstract(legacy, mesh))
     epoch = int(np.asarray(state["epoch"].addressable_data(0)))
     count = np.asarray(epoch * steps_per_epoch, np.int32)
     return TrainState(**{**state, "penalty_state": template.penalty_state._replace(count=count)})

@@ -4,10 +4,12 @@ Fields are overridden as ``--config.optim.lr=0.4``. When started as one of sever
 (SLURM, or ``--coordinator_address`` with ``--num_processes``/``--process_id``), the JAX
 distributed runtime is initialized first; see ``launch/``.
 
-Exit codes (:mod:`gdreg.exitcodes`): 0 done; 2 config or dataset error (also: the processes
-got different configs, or incomplete multi-process flags); 3 training diverged; 4 not all
-processes joined within ``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT: a
-checkpoint was saved, rerun with the same ``--workdir`` to resume).
+Exit codes (:mod:`gdreg.exitcodes`): 0 done; 2 a flag, config, dataset or run-directory error
+(one ``error:`` line; also: the processes got different configs, incomplete multi-process
+flags, the workdir is in use by another run, a resume with a changed config needs
+``--allow_config_change``, no checkpoint can be read); 3 training diverged; 4 not all
+processes joined within ``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT at any
+moment: a checkpoint was saved if a step had finished; rerun with the same ``--workdir``).
 """
 
 from __future__ import annotations

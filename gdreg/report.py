@@ -19,9 +19,8 @@ for a single run):
 The paper's numbers live in ``gdreg/paper_results.json`` with their source (Tables 1 and 2
 and the fixed-dataset results of Sec. 4.3).
 
-Rows. Runs whose configs agree on every field except ``seed`` (and fields that cannot
-change the result: ``data.data_dir``, ``log``, ``checkpoint``, the block-loop knobs,
-``eval.every_epochs``, ``eval.batch_size``) are seeds of one row: the table gives the mean
+Rows. Runs whose configs agree on every field except ``seed`` (and the fields that cannot
+change the result, :data:`gdreg.config.RUNTIME_FIELDS`) are seeds of one row: the table gives the mean
 and the sample standard deviation (n - 1) of their final test accuracies. A row is named by
 its config's ``row`` (its title in :data:`gdreg.config.ROW_TITLES`, e.g. "FB clipped"), or
 by the run directory's name when ``row`` is empty.

@@ -158,14 +158,15 @@ def train_and_evaluate(
     :class:`gdreg.config.ConfigError` or :class:`gdreg.rundir.RunDirError` (one-line messages)
     for what the user must fix, :class:`TrainingDivergedError` and :class:`Preempted`.
     """
-    run = build(config)  # validates the config before anything is written
-    is_first_process = jax.process_index() == 0
+    # Everything is checked before anything is written: the config, and against the run's.
+    run = build(config)
+    changes = _resume_config(config, workdir, allow_config_change)
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         if stop is None:
             stop = cleanup.enter_context(StopRequest())
-        cleanup.enter_context(_locked(workdir, is_first_process))
-        return _train(run, workdir, stop, allow_config_change, cleanup)
+        cleanup.enter_context(_locked(workdir, jax.process_index() == 0))
+        return _train(run, workdir, stop, changes, cleanup)
 
 
 @contextlib.contextmanager
@@ -251,11 +252,14 @@ def _log_images_used(run: Run, epoch: int) -> None:
 
 
 def _train(
-    run: Run, workdir: str, stop: StopRequest, allow_config_change: bool, cleanup
+    run: Run,
+    workdir: str,
+    stop: StopRequest,
+    changes: dict[str, tuple[Any, Any]],
+    cleanup: contextlib.ExitStack,
 ) -> dict[str, Any]:
     config = run.config
     is_first_process = jax.process_index() == 0
-    changes = _resume_config(config, workdir, allow_config_change)
     manager = cleanup.enter_context(
         contextlib.closing(checkpoint.checkpoint_manager(workdir, config.checkpoint.keep))
     )
