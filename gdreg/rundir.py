@@ -16,6 +16,7 @@ one-line message names the file and what is wrong.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -150,7 +151,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
     Raises :class:`RunDirError` when there is no ``metrics.jsonl`` (naming run directories one
     level below, for a user who passed their parent), when a line is not a JSON object with an
-    ``epoch``, or when no epoch is recorded yet.
+    ``epoch``, when the epochs do not increase, or when no epoch is recorded yet.
     """
     if not os.path.isdir(workdir):
         raise RunDirError(f"{workdir}: no such directory")
@@ -169,6 +170,12 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     records = _parse_metrics(path)
     if not records:
         raise RunDirError(f"{path}: no epochs recorded yet")
+    for previous, record in itertools.pairwise(records):
+        if record["epoch"] <= previous["epoch"]:
+            raise RunDirError(
+                f"{path}: epoch {record['epoch']} follows epoch {previous['epoch']}; two runs "
+                "wrote to this directory, or it was edited"
+            )
     return records
 
 

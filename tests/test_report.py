@@ -245,3 +245,11 @@ def test_paper_rows_show_the_papers_numbers_and_flag_short_runs(tmp_path, capsys
     assert latex.startswith("\\begin{tabular}{llrrlrrrrl}")
     assert "95.67 $\\pm$ 0.08" in latex and "\\end{tabular}" in latex
     assert latex.count(" \\\\\n") == 1 + len(rows)
+
+
+def test_duplicated_epochs_are_reported(tmp_path, capsys):
+    path = fake_run(tmp_path / "twice", tiny_config("fullbatch"), 3, 0.5)
+    with open(os.path.join(path, rundir.METRICS_FILE), "a") as handle:
+        handle.write(json.dumps({"epoch": 2, "train_loss": 1.0}) + "\n")
+    assert report.main([path]) == 2
+    assert "epoch 2 follows epoch 3; two runs wrote to this directory" in capsys.readouterr().err
