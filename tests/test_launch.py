@@ -149,16 +149,14 @@ def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
     assert "test_accuracy" in got[-1] and "grad_norm" in got[-1]
 
 
+# What a finished run leaves in its workdir (process 0 writes all of it).
+RUN_DIR_CONTENTS = [".lock", "checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
+
+
 def _assert_single_writer(workdir: Path) -> None:
     """One metrics file, one config, one event file, one checkpoint directory with exactly one
     committed step."""
-    assert sorted(p.name for p in workdir.iterdir()) == [
-        ".lock",
-        "checkpoints",
-        "config.json",
-        "metrics.jsonl",
-        "tensorboard",
-    ]
+    assert sorted(p.name for p in workdir.iterdir()) == RUN_DIR_CONTENTS
     assert len(list((workdir / "tensorboard").iterdir())) == 1
     steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert steps == ["3"], steps
@@ -346,13 +344,7 @@ def test_slurm_job_is_preempted_requeued_and_resumes(processes, tmp_path):
         assert f"resuming from the checkpoint of epoch {stopped}" in log, log[-3000:]
     assert [r["epoch"] for r in _read_metrics(workdir)] == list(range(1, epochs + 1))
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [stopped, epochs]
-    assert sorted(p.name for p in workdir.iterdir()) == [
-        ".lock",
-        "checkpoints",
-        "config.json",
-        "metrics.jsonl",
-        "tensorboard",
-    ]
+    assert sorted(p.name for p in workdir.iterdir()) == RUN_DIR_CONTENTS
 
 
 def test_slurm_script_requeues_after_checkpoint_stop(tmp_path):
