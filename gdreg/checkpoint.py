@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gdreg import distributed
 from gdreg.experiment import TrainState
 from gdreg.rundir import CHECKPOINT_DIR, DAMAGED_CHECKPOINT_DIR, RunDirError
 from gdreg.types import PyTree
@@ -50,39 +51,59 @@ def restore_latest(
     *,
     steps_per_epoch: int = 1,
     move_damaged: bool = True,
+    restart_if_damaged: bool = False,
 ) -> TrainState | None:
     """The newest checkpoint that can be read, shaped like ``template``; None if there is none.
 
     The arrays are restored replicated over ``mesh``. A checkpoint that cannot be read (a
-    damaged file, an empty or unfinished step folder) is reported in one warning line and the
-    next older one is tried; with ``move_damaged`` (process 0) the damaged ones are moved to
-    ``WORKDIR/damaged_checkpoints/`` (kept, and out of the way of new checkpoints of the same
-    step). Raises :class:`DamagedCheckpointsError` when there were checkpoints but none could be
-    read.
+    damaged file, an empty or unfinished step folder) on any process is reported in one warning
+    line and the next older one is tried; every process takes the same decision (a collective
+    call). Steps passed over for an older readable one are damaged: with ``move_damaged``
+    (process 0 of a run that holds the workdir's lock) they are moved to
+    ``WORKDIR/damaged_checkpoints/``, kept and out of the way of new checkpoints of the same step.
+
+    When no step can be read, the cause may as well be the reader (another state structure, a
+    full device): :class:`DamagedCheckpointsError` is raised and nothing is moved, unless
+    ``restart_if_damaged``, which moves them all aside and returns None (a fresh start).
 
     Checkpoints of runs without a penalty written before the penalty state was always kept
     (they hold ``penalty_state = {}``) are read too: their penalty state is the template's, its
     step count moved to the restored epoch (``epoch * steps_per_epoch`` updates).
     """
     damaged: list[int] = []
+    first_reason = ""
     state = None
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            state = _restore(manager, step, template, mesh, steps_per_epoch)
-            break
+            candidate, reason = _restore(manager, step, template, mesh, steps_per_epoch), ""
         except Exception as error:  # orbax raises many kinds of error for a damaged file
-            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-            logging.warning("checkpoint %d cannot be read (%s); trying an older one", step, reason)
-            damaged.append(step)
-    if damaged and move_damaged:
-        _move_aside(manager, damaged)
-    if damaged:
-        manager.reload()
-    if state is None and damaged:
+            candidate, reason = None, " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        if distributed.all_processes(candidate is not None):
+            state = candidate
+            break
+        logging.warning(
+            "checkpoint %d cannot be read (%s); trying an older one",
+            step,
+            reason or "on another process",
+        )
+        first_reason = first_reason or reason
+        damaged.append(step)
+    if state is None and damaged and not restart_if_damaged:
         raise DamagedCheckpointsError(
             f"no checkpoint in {manager.directory} can be read (steps "
-            f"{', '.join(map(str, damaged))}, moved to {DAMAGED_CHECKPOINT_DIR}/)"
+            f"{', '.join(map(str, damaged))}; {first_reason or 'on another process'})"
         )
+    if state is None and damaged:
+        logging.warning(
+            "no checkpoint can be read: starting again from epoch 0 (the unreadable ones go to "
+            "%s/)",
+            DAMAGED_CHECKPOINT_DIR,
+        )
+    if damaged:
+        if move_damaged:
+            _move_aside(manager, damaged)
+        distributed.all_processes(True)  # the moves are done before any process lists again
+        manager.reload()
     return state
 
 
@@ -96,15 +117,16 @@ def _restore(
     # Each step is read by a checkpointer of its own: after a failed read (a damaged step) the
     # manager's own restore can refuse every other step too.
     path = os.path.join(os.fspath(manager.directory), str(step), ITEM_NAME)
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        return checkpointer.restore(path, _abstract(template, mesh))
-    except ValueError as error:
-        if "penalty_state" not in str(error):
-            raise
-    # An empty dict inside a NamedTuple target does not match orbax's metadata; in a dict it does.
-    legacy = {**template._asdict(), "penalty_state": {}}
-    state = checkpointer.restore(path, _abstract(legacy, mesh))
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            return checkpointer.restore(path, _abstract(template, mesh))
+        except ValueError as error:
+            if "penalty_state" not in str(error):
+                raise
+        # An empty dict inside a NamedTuple target does not match orbax's metadata; in a dict
+        # it does.
+        legacy = {**template._asdict(), "penalty_state": {}}
+        state = checkpointer.restore(path, _abstract(legacy, mesh))
     epoch = int(np.asarray(state["epoch"].addressable_data(0)))
     count = np.asarray(epoch * steps_per_epoch, np.int32)
     return TrainState(**{**state, "penalty_state": template.penalty_state._replace(count=count)})

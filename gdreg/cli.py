@@ -26,8 +26,9 @@ def _message(error: BaseException, argv: list[str]) -> str:
         lines[-1] = lines[-1].strip("'\"")
         given = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
         flag = next((arg for arg in given if arg.split(".")[-1] == name), None)
-        hint = f" ({lines[1][0].lower()}{lines[1][1:]})" if len(lines) > 1 else ""
-        return f"{flag or name}: no such config field{hint}"
+        if flag is not None:  # else raised inside the config file: reported as it is
+            hint = f" ({lines[1][0].lower()}{lines[1][1:]})" if len(lines) > 1 else ""
+            return f"{flag}: no such config field{hint}"
     if "Traceback (most recent call last)" in text:
         # an exception inside the config file's get_config: keep its last line, the message
         last = lines[-1]
@@ -44,7 +45,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "config" in flags.FLAGS:
             flags.FLAGS.config.keys()  # the file loads on first use: load it here
         return remaining
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
-        # flags.Error: absl's own; the others: ml_collections loading --config or an override.
+    except Exception as error:  # absl's flags.Error, or anything loading --config raised
         print(f"error: {_message(error, argv)}", file=sys.stderr)
     sys.exit(exitcodes.BAD_INPUT)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 import time
@@ -79,8 +80,13 @@ def load_checkpoint(run: experiment.Run, workdir: str) -> experiment.TrainState:
         raise RunDirError(f"{workdir}: no {rundir.CHECKPOINT_DIR}/ directory, nothing to load")
     manager = checkpoint.checkpoint_manager(workdir, run.config.checkpoint.keep)
     try:
+        # Read only: a damaged checkpoint is passed over, never moved (the run may be live).
         state = checkpoint.restore_latest(
-            manager, experiment.initial_state(run), run.mesh, steps_per_epoch=run.steps_per_epoch
+            manager,
+            experiment.initial_state(run),
+            run.mesh,
+            steps_per_epoch=run.steps_per_epoch,
+            move_damaged=False,
         )
     finally:
         manager.close()
@@ -364,7 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             test=args.test,
         )
         paths = write_outputs(result, args.out or args.workdir)
-        summaries.add_picture(args.workdir, "landscape", paths["png"], result["epoch"])
+        try:
+            summaries.add_picture(args.workdir, "landscape", paths["png"], result["epoch"])
+        except OSError as error:  # e.g. a run directory the user may only read
+            logging.warning("the plot was not added to the run's TensorBoard: %s", error)
     except RunDirError as error:
         print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_INPUT

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 
 import numpy as np
@@ -31,7 +32,13 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         del frame
-        logging.warning("received signal %d: stopping at the end of this epoch", signum)
+        if self.requested:  # a second signal: the user means it (Ctrl-C twice)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        logging.warning(
+            "received signal %d: stopping at the end of this epoch (again: stop at once)", signum
+        )
         self.requested = True
 
     def __exit__(self, *exc) -> None:

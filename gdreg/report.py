@@ -55,11 +55,11 @@ import numpy as np
 from gdreg import exitcodes, rundir
 from gdreg.config import (
     PAPER_TABLE,
-    PAPER_WIDTHS,
     ROW_TITLES,
     RUNTIME_FIELDS,
     base_config,
     in_fields,
+    paper_config,
 )
 from gdreg.rundir import RunDirError
 
@@ -243,11 +243,15 @@ def paper_accuracy(config: dict[str, Any]) -> tuple[float, float | None] | None:
     return None if value is None else (float(value[0]), value[1])
 
 
-def not_comparable(config: dict[str, Any], epochs_done: int) -> list[str]:
+def not_comparable(
+    config: dict[str, Any], epochs_done: int, *, changed_during_run: bool = False
+) -> list[str]:
     """Why a run of a paper row cannot be set beside the paper's number (empty: it can).
 
-    It must train the paper's model at the paper's width on the whole CIFAR-10 training set,
-    with every setting of the row, for the row's full number of epochs.
+    It must train the paper's model at the paper's width on the whole CIFAR-10 training set
+    with the configuration of the row (:func:`gdreg.config.paper_config`, every field that can
+    change the result), for exactly the row's number of epochs, and keep that configuration
+    for the whole run.
     """
     row, model = config["row"], str(config["model.name"]).strip().lower()
     paper = paper_results()
@@ -259,13 +263,17 @@ def not_comparable(config: dict[str, Any], epochs_done: int) -> list[str]:
     planned = int(PAPER_TABLE[row].settings["train.epochs"])
     if epochs_done < planned:
         reasons.append(f"{epochs_done:,} of {planned:,} epochs")
-    if int(config["model.width"]) != PAPER_WIDTHS[model]:
-        reasons.append(f"model.width {config['model.width']} (paper {PAPER_WIDTHS[model]})")
-    for field, value in PAPER_TABLE[row].settings.items():
-        if field == "train.epochs" or _not_grouped_by(field):
+    expected = rundir.flatten(paper_config(model, row))
+    special = ("row", "model.name", "data.name", "data.train_size")
+    for field, value in expected.items():
+        if field in special or _not_grouped_by(field):
             continue
-        if config[field] != value:
-            reasons.append(f"{field} {config[field]} (paper {value})")
+        if field == "train.epochs" and epochs_done < planned:
+            continue  # said above
+        if config.get(field) != value:
+            reasons.append(f"{field} {config.get(field)} (paper {value})")
+    if changed_during_run:
+        reasons.append(f"config changed during the run ({rundir.CONFIG_HISTORY_FILE})")
     return reasons
 
 
@@ -275,7 +283,13 @@ def paper_cells(group: Group) -> list[str]:
     if paper is None:
         return ["-", "-", "-"]
     mean, std = paper
-    reasons = not_comparable(group.config, min(run.final_epoch for run in group.runs))
+    reasons = not_comparable(
+        group.config,
+        min(run.final_epoch for run in group.runs),
+        changed_during_run=any(
+            os.path.exists(os.path.join(run.path, rundir.CONFIG_HISTORY_FILE)) for run in group.runs
+        ),
+    )
     difference = "n/a" if group.mean is None else f"{100 * group.mean - mean:+.2f}"
     return [
         f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),

@@ -15,6 +15,7 @@ one-line message names the file and what is wrong.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
 import json
@@ -46,9 +47,23 @@ class RunDirError(Exception):
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes ``config`` to ``workdir/config.json`` (sorted keys, indented)."""
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as handle:
-        handle.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    """Writes ``config`` to ``workdir/config.json`` (sorted keys, indented).
+
+    Through a new file and a rename, so that a kill leaves the old file or the new one.
+    """
+    _replace(
+        os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True)
+    )
+
+
+def _replace(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically: a new file, synced, renamed over the old one."""
+    partial = path + ".partial"
+    with open(partial, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
 
 
 def append_config_history(workdir: str, epoch: int, changes: Mapping[str, Any]) -> None:
@@ -60,6 +75,8 @@ def append_config_history(workdir: str, epoch: int, changes: Mapping[str, Any]) 
     }
     with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as handle:
         handle.write(json.dumps(line, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
@@ -129,13 +146,7 @@ class MetricsWriter:
         if self.enabled and os.path.exists(self.path):
             records = _parse_metrics(self.path)
             self.previous = [record for record in records if record["epoch"] <= resume_epoch]
-            # Written to a new file, then renamed: a kill now leaves the old file or the new.
-            partial = self.path + ".partial"
-            with open(partial, "w") as handle:
-                handle.writelines(json.dumps(record) + "\n" for record in self.previous)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, self.path)
+            _replace(self.path, "".join(json.dumps(record) + "\n" for record in self.previous))
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Appends ``record`` and forces it to disk (a kill cannot tear an earlier line)."""
@@ -212,8 +223,10 @@ class WorkdirLock:
     """An exclusive lock on a run directory, held while a run uses it.
 
     ``flock`` on ``WORKDIR/.lock``: the operating system releases it when the holder exits,
-    however it exits, so a lock left by a killed run is never in the way. The file names the
-    holder (host, pid, since when) for the message a second run gets.
+    however it exits, so a lock left by a killed run is not in the way (on NFSv3 a crashed
+    node's lock may last until that node is back). The file names the holder (host, pid, since
+    when) for the message a second run gets. On a file system without ``flock`` (Lustre
+    mounted without it) the run goes on unlocked, with a warning.
     """
 
     def __init__(self, workdir: str) -> None:
@@ -222,10 +235,17 @@ class WorkdirLock:
 
     def acquire(self) -> None:
         """Takes the lock; :class:`RunDirError` naming the holder if another run has it."""
-        handle = open(self.path, "a+")  # noqa: SIM115  (held open while the lock is held)
+        try:
+            handle = open(self.path, "a+")  # noqa: SIM115  (held open while the lock is held)
+        except OSError as error:
+            raise RunDirError(f"cannot create {self.path}: {error.strerror}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                logging.warning("cannot lock %s (%s): running without a lock", self.path, error)
+                handle.close()
+                return
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()

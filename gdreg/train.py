@@ -197,6 +197,7 @@ def _resume_config(config: ml_collections.ConfigDict, workdir: str, allow: bool)
 def _restore(run: Run, manager, is_first_process: bool) -> TrainState:
     """The newest readable checkpoint's state, or the initial state (see checkpoint.py)."""
     host_state = initial_state(run)
+    restart = run.config.checkpoint.restart_if_damaged
     try:
         restored = checkpoint.restore_latest(
             manager,
@@ -204,13 +205,11 @@ def _restore(run: Run, manager, is_first_process: bool) -> TrainState:
             run.mesh,
             steps_per_epoch=run.steps_per_epoch,
             move_damaged=is_first_process,
+            restart_if_damaged=restart,
         )
     except checkpoint.DamagedCheckpointsError as error:
-        if not run.config.checkpoint.restart_if_damaged:
-            flag = as_flag("checkpoint.restart_if_damaged")
-            raise RunDirError(f"{error}; rerun with {flag}=True to start again") from None
-        logging.warning("%s; starting again from epoch 0", error)
-        restored = None
+        flag = as_flag("checkpoint.restart_if_damaged")
+        raise RunDirError(f"{error}; rerun with {flag}=True to start again") from None
     if restored is None:
         return host_state
     logging.info("resuming from the checkpoint of epoch %d", int(restored.epoch))
@@ -283,6 +282,11 @@ def _train(
     )
     cleanup.callback(tensorboard.close)
     apply_update = make_apply_update(run.optimizer.tx)
+    epochs = config.train.epochs
+    # The last moment to stop before the first epoch (which compiles); from here on a signal
+    # is answered after the epoch, with a checkpoint.
+    if start_epoch < epochs and stop.any_process():
+        raise Preempted(f"stopped during start-up, before epoch {start_epoch + 1}; rerun to resume")
     _log_images_used(run, start_epoch)
     progress = ProgressBar(config.train.epochs, start=start_epoch, enabled=config.log.progress)
     cleanup.callback(progress.close)
@@ -299,9 +303,6 @@ def _train(
     def save(state: TrainState) -> None:
         checkpoint.save(manager, int(fetch_replicated(state.epoch)), state)
 
-    epochs = config.train.epochs
-    if start_epoch < epochs and stop.any_process():
-        raise Preempted(f"stopped during start-up, before epoch {start_epoch + 1}; rerun to resume")
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
         state, record = run_epoch(run, state, apply_update)

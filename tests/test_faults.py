@@ -203,10 +203,10 @@ def test_a_torn_last_metrics_line_is_dropped(whole, tmp_path):
 
 def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
     workdir = tmp_path / "run"
-    first = start(workdir, "--config.train.epochs=200")
+    first = start(workdir, "--config.train.epochs=100000")
     try:
         wait_for(lambda: lines_written(workdir) >= 1, first, "first epoch")
-        second = run_main(main_command(workdir, *ARGS, "--config.train.epochs=200"))
+        second = run_main(main_command(workdir, *ARGS, "--config.train.epochs=100000"))
         assert second.returncode == 2, second.stderr[-3000:]
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"pid {first.pid}" in errors[0], second.stderr[-3000:]

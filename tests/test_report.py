@@ -220,8 +220,15 @@ def test_paper_rows_show_the_papers_numbers_and_flag_short_runs(tmp_path, capsys
     wide.model.width = 12
     narrow = fake_run(tmp_path / "narrow", wide, 300, 0.9)
     other = fake_run(tmp_path / "other", tiny_config("fullbatch"), 3, 0.25)
+    jvp = paper_config("resnet18", "regularized")
+    jvp.penalty.method = "jvp"
+    exact = fake_run(tmp_path / "jvp", jvp, 3000, 0.95)
+    changed = fake_run(tmp_path / "changed", paper_config("resnet18", "clipped"), 3000, 0.93)
+    with open(os.path.join(changed, rundir.CONFIG_HISTORY_FILE), "w") as handle:
+        handle.write("{}\n")
 
-    assert report.main([strong, short, narrow, other, "--out", str(tmp_path / "out")]) == 0
+    runs = [strong, short, narrow, other, exact, changed]
+    assert report.main([*runs, "--out", str(tmp_path / "out")]) == 0
     rows = parse_table(capsys.readouterr().out.split("wrote")[0])
     by_label = {row["Row"]: row for row in rows}
     row = by_label["FB strong reg."]
@@ -234,6 +241,10 @@ def test_paper_rows_show_the_papers_numbers_and_flag_short_runs(tmp_path, capsys
     assert row["Paper (%)"] == "95.84" and row["Comparable"] == "no: model.width 12 (paper 32)"
     row = by_label["other"]
     assert row["Paper (%)"] == row["Difference"] == row["Comparable"] == "-"
+    assert by_label["FB regularized"]["Comparable"] == "no: penalty.method jvp (paper forward)"
+    assert by_label["FB clipped"]["Comparable"] == (
+        "no: config changed during the run (config_history.jsonl)"
+    )
 
     with open(tmp_path / "out" / "report.csv", newline="") as handle:
         table = list(csv.reader(handle))
