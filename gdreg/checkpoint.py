@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from gdreg import distributed
 from gdreg.experiment import TrainState
 from gdreg.rundir import CHECKPOINT_DIR, DAMAGED_CHECKPOINT_DIR, RunDirError
+from gdreg.sharding import fetch_replicated
 from gdreg.types import PyTree
 
 #: The item name orbax's CheckpointManager gives a single saved item: ``<step>/default``.
@@ -127,7 +128,7 @@ def _restore(
         # it does.
         legacy = {**template._asdict(), "penalty_state": {}}
         state = checkpointer.restore(path, _abstract(legacy, mesh))
-    epoch = int(np.asarray(state["epoch"].addressable_data(0)))
+    epoch = int(fetch_replicated(state["epoch"]))
     count = np.asarray(epoch * steps_per_epoch, np.int32)
     return TrainState(**{**state, "penalty_state": template.penalty_state._replace(count=count)})
 

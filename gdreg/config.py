@@ -337,6 +337,11 @@ def in_fields(field: str, fields: tuple[str, ...]) -> bool:
     return any(field == name or field.startswith(name + ".") for name in fields)
 
 
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """``{field: (old, new)}`` as ``field old -> new; ...`` for messages and logs."""
+    return "; ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in changes.items())
+
+
 def resume_changes(
     saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, *, allow: bool
 ) -> dict[str, tuple[Any, Any]]:
@@ -357,9 +362,7 @@ def resume_changes(
     }
 
     def describe(fields):
-        return "; ".join(
-            f"{field} {changed[field][0]!r} -> {changed[field][1]!r}" for field in fields
-        )
+        return describe_changes({field: changed[field] for field in fields})
 
     refused = [field for field in changed if in_fields(field, STATE_FIELDS)]
     refused += [

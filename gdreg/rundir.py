@@ -73,8 +73,13 @@ def append_config_history(workdir: str, epoch: int, changes: Mapping[str, Any]) 
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "changes": {field: {"from": old, "to": new} for field, (old, new) in changes.items()},
     }
-    with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as handle:
-        handle.write(json.dumps(line, default=str) + "\n")
+    _append_line(os.path.join(workdir, CONFIG_HISTORY_FILE), json.dumps(line, default=str))
+
+
+def _append_line(path: str, line: str) -> None:
+    """Appends ``line`` and a newline to ``path`` and forces it to disk."""
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -151,10 +156,7 @@ class MetricsWriter:
     def write(self, record: Mapping[str, Any]) -> None:
         """Appends ``record`` and forces it to disk (a kill cannot tear an earlier line)."""
         if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            _append_line(self.path, json.dumps(record))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

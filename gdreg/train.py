@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from gdreg import checkpoint, distributed, rundir, summaries
-from gdreg.config import as_flag, resume_changes
+from gdreg.config import as_flag, describe_changes, resume_changes
 from gdreg.experiment import Run, TrainState, build, epoch_layouts, initial_state
 from gdreg.preemption import StopRequest
 from gdreg.progress import ProgressBar
@@ -266,10 +266,7 @@ def _train(
     start_epoch = int(host_state.epoch)
     if is_first_process:
         if changes:
-            logging.warning(
-                "resuming with a changed config: %s",
-                "; ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in changes.items()),
-            )
+            logging.warning("resuming with a changed config: %s", describe_changes(changes))
             rundir.append_config_history(workdir, start_epoch, changes)
         rundir.write_config(workdir, config)
     state = replicate(host_state, run.mesh)
@@ -288,7 +285,7 @@ def _train(
     if start_epoch < epochs and stop.any_process():
         raise Preempted(f"stopped during start-up, before epoch {start_epoch + 1}; rerun to resume")
     _log_images_used(run, start_epoch)
-    progress = ProgressBar(config.train.epochs, start=start_epoch, enabled=config.log.progress)
+    progress = ProgressBar(epochs, start=start_epoch, enabled=config.log.progress)
     cleanup.callback(progress.close)
     # The latest test accuracy stays on the console between evaluations.
     test_accuracy = next(
