@@ -69,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.microbatch_loop = ""  # python | scan; "": backend default
     config.train.block_loop = ""  # unroll | vmap; "": backend default
     config.train.cpu_devices = 0  # CPU backend: devices to split the host into; 0: auto
+    # How the BatchNorm statistics of a step's forward passes become the running statistics
+    # that evaluation uses (gdreg.batchnorm): reference (the reference implementation's
+    # sequential update over every train-mode pass, the penalty's perturbed passes included)
+    # | mean (one momentum step with the mean block statistics, order-free).
+    config.train.batchnorm_statistics = "reference"
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 0.8
@@ -218,6 +223,7 @@ def paper_config(model: str, row: str, dataset: str = "cifar10") -> ml_collectio
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the fields that name a choice, from the modules that own them."""
+    from gdreg.batchnorm import RULES
     from gdreg.data import AUGMENTATIONS, DATASET_NAMES
     from gdreg.fullbatch import BLOCK_LOOPS, MICROBATCH_LOOPS
     from gdreg.optim import SCHEDULES
@@ -229,6 +235,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "train.mode": MODES,
         "train.microbatch_loop": ("", *MICROBATCH_LOOPS),  # "": the backend's default
         "train.block_loop": ("", *BLOCK_LOOPS),
+        "train.batchnorm_statistics": RULES,
         "optim.schedule": SCHEDULES,
         "penalty.method": METHODS,
     }

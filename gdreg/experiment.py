@@ -160,7 +160,7 @@ def make_loss_fn(model: nn.Module) -> LossFn:
             )
         else:
             logits, new_state = model.apply(variables, inputs, train=True), {}
-        logits = logits.astype(jnp.float32)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return loss, (new_state, {"accuracy": accuracy})
@@ -240,6 +240,7 @@ def make_engine(
         mesh=mesh,
         penalty=penalty,
         penalty_full_gradient=config.penalty.full_strength > 0,
+        batchnorm_statistics=config.train.batchnorm_statistics,
         **loop_settings(config),
     )
 

@@ -27,12 +27,14 @@ issue 12868) and vmapped finite differences turn into grouped convolutions, so t
 loop over single blocks is the CPU default; on GPUs fewer, larger calls win. Memory does not
 grow with the number of images in either mode: only one microbatch is live at a time.
 
-BatchNorm running statistics. Every block's forward pass updates the running statistics
-from the same starting state: new_B = m * old + (1 - m) * stats_B. The returned state is the
-weighted mean over blocks, m * old + (1 - m) * mean_B(stats_B): one momentum update with the
-mean of the block statistics, independent of block order and device count. (The reference
-PyTorch code instead applies the momentum once per block forward, sequentially, including the
-regularizer's extra passes; that makes the statistics depend on block order.)
+BatchNorm running statistics. ``loss_fn`` returns each forward pass's batch statistics (see
+:class:`gdreg.models.layers.BatchNorm`); the engine turns those of all passes of a call into
+the new running statistics by one of the rules of :mod:`gdreg.batchnorm`: ``"reference"``, the
+reference implementation's sequential update over every train-mode pass (the penalty's passes
+at perturbed weights included), each pass weighted by its global position so that the result
+depends neither on the devices nor on the loop shape; ``"mean"``, one momentum step with the
+mean block statistics. Every leaf of ``model_state`` is
+treated as such a running average.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gdreg import batchnorm
 from gdreg.sharding import DATA_AXIS, pad_with_zero_weights, shard_rows
 from gdreg.types import BatchFn, LossFn, PyTree
 
@@ -57,8 +60,9 @@ BLOCK_LOOPS = ("unroll", "vmap")
 class FullBatchResult(NamedTuple):
     """What one full-batch gradient evaluation returns (all replicated over the mesh).
 
-    grads: mean over blocks of the (transformed) block gradients, float32.
-    model_state: the model's non-parameter state (BatchNorm statistics), see module docstring.
+    grads: mean over blocks of the (transformed) block gradients, float32 (float64 for float64
+      parameters).
+    model_state: the running BatchNorm statistics after the call, see module docstring.
     penalty_state: the per-block transform's state after one update (None for an engine
       built without a penalty).
     metrics: scalars ``loss`` and ``accuracy`` (means over the blocks' images),
@@ -95,15 +99,27 @@ def block_layout(
     return order[: num_blocks * block_size].reshape(num_blocks, block_size)
 
 
+def _accumulation_dtype(*trees: PyTree) -> jnp.dtype:
+    """float32, or float64 where the inputs are float64 (sums never run in bfloat16)."""
+    leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
+    return jnp.promote_types(jnp.result_type(*leaves) if leaves else jnp.float32, jnp.float32)
+
+
 def _tree_sq_norm(tree: PyTree) -> jax.Array:
+    dtype = _accumulation_dtype(tree)
     return sum(
-        (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
-        start=jnp.zeros((), jnp.float32),
+        (jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in jax.tree.leaves(tree)),
+        start=jnp.zeros((), dtype),
     )
 
 
-def _as_float32(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), tree)
+def _accumulated(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda leaf: jnp.asarray(leaf, _accumulation_dtype(leaf)), tree)
+
+
+def _inside_forward_mode(tree: PyTree) -> bool:
+    """Whether ``tree`` is being traced by forward-mode autodiff (the ``jvp`` penalty)."""
+    return any(isinstance(leaf, jax.interpreters.ad.JVPTracer) for leaf in jax.tree.leaves(tree))
 
 
 class FullBatchGradient:
@@ -118,6 +134,9 @@ class FullBatchGradient:
     pytree held replicated on every device (e.g. the uint8 training set), which ``batch_fn``
     turns into one block's inputs. ``penalty`` is an optax transformation applied to every
     block gradient as ``penalty.update(g_B, penalty_state, params, grad_fn=grad of L_B)``.
+    ``batchnorm_statistics`` names the rule for the running statistics
+    (:data:`gdreg.batchnorm.RULES`), ``batchnorm_momentum`` the weight of new statistics
+    (PyTorch's convention, 0.1).
 
     With ``penalty_full_gradient=True`` each call makes two passes over the same blocks and
     augmentation draws, as the reference implementation does for its ``acc_strength``: the
@@ -137,6 +156,8 @@ class FullBatchGradient:
         blocks_per_microbatch: int = 1,
         microbatch_loop: str = "python",
         block_loop: str = "unroll",
+        batchnorm_statistics: str = "reference",
+        batchnorm_momentum: float = batchnorm.TORCH_MOMENTUM,
     ) -> None:
         if microbatch_loop not in MICROBATCH_LOOPS:
             raise ValueError(
@@ -148,6 +169,13 @@ class FullBatchGradient:
             raise ValueError(
                 f"blocks_per_microbatch must be at least 1, got {blocks_per_microbatch}"
             )
+        if batchnorm_statistics not in batchnorm.RULES:
+            raise ValueError(
+                f"batchnorm_statistics must be one of {batchnorm.RULES}, got "
+                f"{batchnorm_statistics!r}"
+            )
+        if not 0 < batchnorm_momentum <= 1:
+            raise ValueError(f"batchnorm_momentum must be in (0, 1], got {batchnorm_momentum}")
         if penalty_full_gradient and penalty is None:
             raise ValueError("penalty_full_gradient needs a penalty to hand the gradient to")
         self.loss_fn = loss_fn
@@ -158,6 +186,8 @@ class FullBatchGradient:
         self.blocks_per_microbatch = blocks_per_microbatch
         self.microbatch_loop = microbatch_loop
         self.block_loop = block_loop
+        self.batchnorm_statistics = batchnorm_statistics
+        self.batchnorm_momentum = batchnorm_momentum
         self.num_devices = mesh.devices.size
         self._microbatch = jax.jit(self._sharded(self._microbatch_body), donate_argnums=0)
         self._all_microbatches = jax.jit(self._sharded(self._scan_body))
@@ -179,6 +209,8 @@ class FullBatchGradient:
             "blocks_per_microbatch": self.blocks_per_microbatch,
             "microbatch_loop": self.microbatch_loop,
             "block_loop": self.block_loop,
+            "batchnorm_statistics": self.batchnorm_statistics,
+            "batchnorm_momentum": self.batchnorm_momentum,
         }
         settings.update(changes)
         if settings["penalty"] is None:
@@ -211,59 +243,89 @@ class FullBatchGradient:
         return pad_with_zero_weights(block_indices, self.num_devices * self.blocks_per_microbatch)
 
     # ----- per block ----------------------------------------------------------------------
-    def _block(self, params, model_state, penalty_state, full_grads, data, indices, weight, step):
+    def _block(self, shared, indices, weight, position):
+        """Weighted sums over one block of ``indices`` (``weight`` 0 for padding) at its global
+        ``position`` in the layout; ``shared``: (params, model_state, penalty_state,
+        full_grads, data, step, number of real blocks), the same for every block."""
+        params, model_state, penalty_state, full_grads, data, step, num_blocks = shared
         inputs, labels = self.batch_fn(data, indices, step)
 
-        def loss_only(p):
-            return self.loss_fn(p, model_state, inputs, labels)[0]
+        def loss_and_statistics(p):
+            loss, (statistics, _) = self.loss_fn(p, model_state, inputs, labels)
+            return loss, statistics
 
-        (loss, (new_state, aux)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+        (loss, (statistics, aux)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
             params, model_state, inputs, labels
         )
-        grads = _as_float32(grads)
+        grads = _accumulated(grads)
         sq_norm = _tree_sq_norm(grads)
         new_penalty_state = penalty_state
+        # The statistics of the penalty's passes at perturbed weights, in the order they run.
+        # The jvp penalty's pass (traced by forward-mode autodiff) is the gradient pass itself,
+        # as the reference's double backprop makes no extra forward pass.
+        perturbed = []
         if self.penalty is not None:
+
+            def penalty_grad_fn(p):
+                gradient, pass_statistics = jax.grad(loss_and_statistics, has_aux=True)(p)
+                if not _inside_forward_mode(p):
+                    perturbed.append(pass_statistics)
+                return gradient
+
             extra = {"full_grads": full_grads} if self.penalty_full_gradient else {}
             grads, new_penalty_state = self.penalty.update(
-                grads, penalty_state, params, grad_fn=jax.grad(loss_only), **extra
+                grads, penalty_state, params, grad_fn=penalty_grad_fn, **extra
             )
-            grads = _as_float32(grads)
+            grads = _accumulated(grads)
+        passes = [statistics, *perturbed]
+        dtype = sq_norm.dtype
         sums = {
             "grads": grads,
-            "model_state": _as_float32(new_state),
-            "loss": loss.astype(jnp.float32),
-            "accuracy": jnp.asarray(aux["accuracy"], jnp.float32),
+            "statistics": self._statistics_share(passes, position, num_blocks),
+            "loss": jnp.asarray(loss, dtype),
+            "accuracy": jnp.asarray(aux["accuracy"], dtype),
             "block_grad_sq_norm": sq_norm,
+            "passes": jnp.asarray(len(passes), dtype),
         }
-        sums = jax.tree.map(lambda leaf: weight * leaf, sums)
+        sums = jax.tree.map(lambda leaf: weight.astype(leaf.dtype) * leaf, sums)
         sums["weight"] = weight
         return sums, new_penalty_state
 
-    def _microbatch_sums(self, shared, indices, weights):
-        """Weighted sums over the blocks of one microbatch (indices: [blocks, block_size]).
+    def _statistics_share(self, passes, position, num_blocks):
+        """One block's share of the running statistics' update (see :mod:`gdreg.batchnorm`):
+        its gradient pass's statistics ("mean"), or the weighted sum over its passes in their
+        global order ("reference"; pass j of block b is pass b * P + j of K = B * P)."""
+        passes = [_accumulated(statistics) for statistics in passes]
+        if self.batchnorm_statistics == "mean":
+            return passes[0]
+        dtype = _accumulation_dtype(passes)
+        per_block = len(passes)
+        first = jnp.asarray(position, dtype) * per_block
+        total = jnp.asarray(num_blocks, dtype) * per_block
+        share = None
+        for j, statistics in enumerate(passes):
+            weight = batchnorm.sequential_weight(first + j, total, self.batchnorm_momentum)
+            term = jax.tree.map(lambda leaf, w=weight: w.astype(leaf.dtype) * leaf, statistics)
+            share = term if share is None else jax.tree.map(jnp.add, share, term)
+        return share
 
-        ``shared``: (params, model_state, penalty_state, full_grads, data, step), the same for
-        every block.
-        """
-        params, model_state, penalty_state, full_grads, data, step = shared
+    def _microbatch_sums(self, shared, indices, weights, positions):
+        """Weighted sums over the blocks of one microbatch (indices: [blocks, block_size])."""
         if self.block_loop == "vmap":
-            sums, new_penalty_state = jax.vmap(
-                self._block, in_axes=(None, None, None, None, None, 0, 0, None)
-            )(params, model_state, penalty_state, full_grads, data, indices, weights, step)
+            sums, new_penalty_state = jax.vmap(self._block, in_axes=(None, 0, 0, 0))(
+                shared, indices, weights, positions
+            )
             sums = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), sums)
             new_penalty_state = jax.tree.map(lambda leaf: leaf[0], new_penalty_state)
             return sums, new_penalty_state
         total = None
         for j in range(indices.shape[0]):
-            sums, new_penalty_state = self._block(
-                params, model_state, penalty_state, full_grads, data, indices[j], weights[j], step
-            )
+            sums, new_penalty_state = self._block(shared, indices[j], weights[j], positions[j])
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return total, new_penalty_state
 
     # ----- per device (inside shard_map) ----------------------------------------------------
-    def _microbatch_body(self, carry, shared, indices, weights, index):
+    def _microbatch_body(self, carry, shared, indices, weights, positions, index):
         start = index * self.blocks_per_microbatch
         take = functools.partial(
             jax.lax.dynamic_slice_in_dim,
@@ -271,17 +333,19 @@ class FullBatchGradient:
             slice_size=self.blocks_per_microbatch,
             axis=0,
         )
-        sums, new_penalty_state = self._microbatch_sums(shared, take(indices), take(weights))
+        sums, new_penalty_state = self._microbatch_sums(
+            shared, take(indices), take(weights), take(positions)
+        )
         carry = jax.tree.map(lambda acc, s: acc + s[None], carry, sums)
         return carry, new_penalty_state
 
-    def _scan_body(self, carry, shared, indices, weights, _):
+    def _scan_body(self, carry, shared, indices, weights, positions, _):
         num_microbatches = indices.shape[0] // self.blocks_per_microbatch
         penalty_state = shared[2]
 
         def body(state, index):
             acc, _ = state
-            return self._microbatch_body(acc, shared, indices, weights, index), None
+            return self._microbatch_body(acc, shared, indices, weights, positions, index), None
 
         (carry, new_penalty_state), _ = jax.lax.scan(
             body, (carry, penalty_state), jnp.arange(num_microbatches)
@@ -293,7 +357,7 @@ class FullBatchGradient:
         return jax.shard_map(
             body,
             mesh=self.mesh,
-            in_specs=(shard, P(), shard, shard, P()),
+            in_specs=(shard, P(), shard, shard, shard, P()),
             out_specs=(shard, P()),
             # With varying-axis checks on, the gradient of a device-local loss with respect to
             # replicated parameters is psum-ed over devices by autodiff; every block gradient
@@ -302,36 +366,54 @@ class FullBatchGradient:
         )
 
     # ----- reduction across devices ---------------------------------------------------------
-    def _finalize_impl(self, carry):
+    def _finalize_impl(self, carry, model_state):
         # carry leaves are [devices, ...] sharded over `data`: summing axis 0 is the all-reduce.
         totals = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), carry)
         count = totals.pop("weight")
-        means = jax.tree.map(lambda leaf: leaf / count, totals)
+        passes = totals.pop("passes")
+        statistics = totals.pop("statistics")
+        means = jax.tree.map(lambda leaf: leaf / count.astype(leaf.dtype), totals)
         grads = means.pop("grads")
-        model_state = means.pop("model_state")
         metrics = dict(means)
         metrics["grad_norm"] = jnp.sqrt(_tree_sq_norm(grads))
         metrics["blocks"] = count
+        momentum = self.batchnorm_momentum
+        if self.batchnorm_statistics == "reference":
+            model_state = batchnorm.combine(
+                model_state, statistics, batchnorm.decay(passes, momentum)
+            )
+        else:  # "mean"
+            mean_share = jax.tree.map(
+                lambda leaf: momentum * leaf / count.astype(leaf.dtype), statistics
+            )
+            model_state = batchnorm.combine(
+                model_state, mean_share, jnp.asarray(1 - momentum, passes.dtype)
+            )
         return grads, model_state, metrics
 
     def _zero_carry_impl(self, params, model_state):
-        def zeros(leaf):
-            return jnp.zeros((self.num_devices, *jnp.shape(leaf)), jnp.float32)
+        dtype = _accumulation_dtype(params)
 
-        scalar = jnp.zeros((), jnp.float32)
+        def zeros(leaf):
+            leaf_dtype = jnp.promote_types(jnp.result_type(leaf), jnp.float32)
+            return jnp.zeros((self.num_devices, *jnp.shape(leaf)), leaf_dtype)
+
+        scalar = jnp.zeros((), dtype)
         template = {
             "grads": params,
-            "model_state": model_state,
+            "statistics": model_state,
             "loss": scalar,
             "accuracy": scalar,
             "block_grad_sq_norm": scalar,
-            "weight": scalar,
+            "passes": scalar,
+            "weight": jnp.zeros((), jnp.float32),
         }
         return jax.tree.map(zeros, template)
 
     def _arguments(self, params, model_state, penalty_state, full_grads, data, block_indices, step):
         """The zero carry, the arguments of a microbatch call, and the microbatches per device."""
         indices, weights = self.padded_layout(block_indices)
+        positions = np.arange(indices.shape[0], dtype=np.int32)
         num_microbatches = indices.shape[0] // (self.num_devices * self.blocks_per_microbatch)
         shared = (
             params,
@@ -340,15 +422,23 @@ class FullBatchGradient:
             full_grads,
             data,
             jnp.asarray(step, jnp.int32),
+            jnp.asarray(block_indices.shape[0], jnp.int32),
         )
-        args = (shared, shard_rows(indices, self.mesh), shard_rows(weights, self.mesh))
+        rows = (indices, weights, positions)
+        args = (shared, *(shard_rows(row, self.mesh) for row in rows))
         return self._zero_carry(params, model_state), args, num_microbatches
 
-    def _full_gradient(self, params, model_state, data, block_indices, step) -> PyTree | None:
-        """The first pass of ``penalty_full_gradient``: the plain mean gradient (else None)."""
+    def _full_gradient(self, params, model_state, data, block_indices, step):
+        """The first pass of ``penalty_full_gradient``: the plain mean gradient (else None), and
+        the running statistics the next pass starts from (the first pass's forward passes
+        come first under the "reference" rule, as in the reference; the other rules ignore
+        them)."""
         if self._plain is None:
-            return None
-        return self._plain(params, model_state, None, data, block_indices, step).grads
+            return None, model_state
+        plain = self._plain(params, model_state, None, data, block_indices, step)
+        if self.batchnorm_statistics == "reference":
+            model_state = plain.model_state
+        return plain.grads, model_state
 
     def step_flops(
         self,
@@ -397,7 +487,9 @@ class FullBatchGradient:
         on the mesh (see :func:`gdreg.sharding.replicate`); ``block_indices`` is a host array,
         identical on every process. ``step`` is handed to ``batch_fn`` (augmentation draws).
         """
-        full_grads = self._full_gradient(params, model_state, data, block_indices, step)
+        full_grads, model_state = self._full_gradient(
+            params, model_state, data, block_indices, step
+        )
         carry, args, num_microbatches = self._arguments(
             params, model_state, penalty_state, full_grads, data, block_indices, step
         )
@@ -407,6 +499,6 @@ class FullBatchGradient:
         else:
             for index in range(num_microbatches):
                 carry, new_penalty_state = self._microbatch(carry, *args, jnp.int32(index))
-        grads, model_state, metrics = self._finalize(carry)
+        grads, model_state, metrics = self._finalize(carry, model_state)
         metrics["images"] = metrics.pop("blocks") * block_indices.shape[1]
         return FullBatchResult(grads, model_state, new_penalty_state, metrics)

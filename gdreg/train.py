@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -61,6 +62,36 @@ def make_apply_update(tx: optax.GradientTransformation) -> ApplyUpdate:
     return apply_update
 
 
+@jax.jit
+def _sq_norm(tree: PyTree) -> jax.Array:
+    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def reference_metrics(
+    record: dict[str, Any], param_sq_norm: float, weight_decay: float, strength: float
+) -> dict[str, float]:
+    """The reference implementation's logged figures, under its names with ``reference_``.
+
+    From ``_record_stats`` and ``_modify_gradient_params`` in the reference's
+    ``fullbatch/training/training.py``: ``preclip_gradnorm`` is the norm of the mean penalized
+    gradient (our ``grad_norm``); ``grad_norm`` is ``sqrt(mean_B ||g_B||^2)`` (the root of our
+    ``block_grad_sq_norm``); ``param_norm`` is ``||theta||^2`` before the step; ``full_loss`` is
+    ``loss + weight_decay / 2 * ||theta||^2 + lr * strength / 4 * mean_B ||g_B||^2``, although
+    the gradient applied descends the penalty with ``lr * strength / 8`` (our
+    ``penalized_loss``). Their ``train_loss``, ``train_acc`` and ``clipped_step`` are our
+    ``train_loss``, ``train_accuracy`` and ``clipped``.
+    """
+    block_sq = record["block_grad_sq_norm"]
+    return {
+        "reference_preclip_gradnorm": record["grad_norm"],
+        "reference_grad_norm": math.sqrt(block_sq),
+        "reference_param_norm": param_sq_norm,
+        "reference_full_loss": record["train_loss"]
+        + weight_decay / 2 * param_sq_norm
+        + record["lr"] * strength / 4 * block_sq,
+    }
+
+
 def run_epoch(
     run: Run, state: TrainState, apply_update: ApplyUpdate
 ) -> tuple[TrainState, dict[str, Any]]:
@@ -88,6 +119,7 @@ def run_epoch(
             )
         metrics["lr"] = float(run.optimizer.schedule(step))
         metrics["clipped"] = float(clip_norm > 0 and metrics["grad_norm"] > clip_norm)
+        metrics["param_sq_norm"] = float(_sq_norm(params))
         params, opt_state = apply_update(params, opt_state, result.grads)
         model_state, penalty_state = result.model_state, result.penalty_state
         images += int(metrics.pop("images"))
@@ -111,6 +143,9 @@ def run_epoch(
         "seconds": seconds,
         "images_per_second": images / seconds,
     }
+    record.update(
+        reference_metrics(record, mean["param_sq_norm"], run.config.optim.weight_decay, strength)
+    )
     new_state = TrainState(
         epoch=np.asarray(epoch + 1, np.int32),
         params=params,

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gdreg.models import layers
+
 NUM_IMAGES = 48
 BLOCK_SIZE = 6
 
@@ -16,7 +18,7 @@ class TinyBNNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         x = nn.Conv(4, (3, 3), use_bias=False)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = layers.batch_norm(train, dtype=None)(x)
         x = nn.relu(x)
         x = nn.Conv(4, (3, 3), strides=2)(x)
         x = jnp.tanh(x).mean(axis=(1, 2))

@@ -336,9 +336,10 @@ def test_eval_mode_and_bfloat16_close_to_float32():
     assert 0.0 < rel < 0.1
 
 
-def test_batchnorm_running_stats_update_rule():
-    """momentum 0.9 in Flax = PyTorch momentum 0.1: new = 0.9 * old + 0.1 * batch stat;
-    the normalization itself uses the batch statistics with eps 1e-5."""
+def test_batchnorm_reports_batch_statistics():
+    """Train mode stores the batch mean and unbiased variance (the running averages are the
+    engine's, gdreg.batchnorm); the normalization itself uses the batch mean and biased
+    variance with eps 1e-5, as PyTorch's."""
     bn = layers.batch_norm(True, dtype=jnp.float32)
     x = (_rng().standard_normal((6, 3, 3, 4)) * 3.0 + 2.0).astype(np.float32)
 
@@ -349,8 +350,8 @@ def test_batchnorm_running_stats_update_rule():
     y, updates = _run(run, x)
     xn = x.reshape(-1, 4)
     stats = updates["batch_stats"]
-    np.testing.assert_allclose(stats["mean"], 0.1 * xn.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * xn.var(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["mean"], xn.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], xn.var(0, ddof=1), rtol=1e-5)
     expected = (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5)
     np.testing.assert_allclose(y.reshape(-1, 4), expected, rtol=1e-4, atol=1e-5)
 

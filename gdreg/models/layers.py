@@ -5,8 +5,11 @@ Conventions used everywhere in :mod:`gdreg.models`:
 * Inputs are NHWC. 3x3 convolutions use explicit symmetric padding of 1 (PyTorch's
   ``padding=1``), not Flax's ``"SAME"``, which pads asymmetrically for stride 2.
 * Parameters are always float32 (``param_dtype``); ``dtype`` is the compute dtype.
-* BatchNorm: ``momentum=0.9`` (PyTorch momentum 0.1), ``epsilon=1e-5``, scale 1 / bias 0,
-  running statistics in the ``batch_stats`` collection (stored in float32 by Flax).
+* BatchNorm (:class:`BatchNorm`): ``epsilon=1e-5``, scale 1 / bias 0. In train mode a layer
+  writes its block's *batch* statistics (mean and PyTorch's unbiased variance) to the
+  ``batch_stats`` collection; the running averages that evaluation uses are kept by the
+  training engine (:mod:`gdreg.batchnorm`), which decides how the statistics of many forward
+  passes are combined.
 """
 
 from __future__ import annotations
@@ -72,23 +75,55 @@ def conv(
     )
 
 
-def batch_norm(train: bool, *, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm with PyTorch's defaults; batch statistics in train mode, running ones in eval."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=PARAM_DTYPE,
-        scale_init=nn.initializers.ones,
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+class BatchNorm(nn.Module):
+    """BatchNorm that reports its batch statistics instead of updating a running average.
+
+    Train mode normalizes with the batch's mean and biased variance (as PyTorch and Flax do)
+    and, when ``batch_stats`` is mutable, stores the batch mean and the *unbiased* variance
+    ``var * n / (n - 1)`` (``n`` values per channel): the quantities PyTorch's
+    ``BatchNorm2d`` feeds into its running averages (torch.nn.functional.batch_norm).
+    Eval mode normalizes with the stored statistics. Keeping the momentum out of the layer
+    lets the caller combine the statistics of many forward passes in any order-exact way
+    (:mod:`gdreg.batchnorm`); the variables keep Flax's names and shapes (``scale``, ``bias``;
+    ``mean``, ``var``).
+    """
+
+    use_running_average: bool
+    dtype: Dtype | None = jnp.float32  # None: the inputs' and parameters' promoted dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # momentum 0: Flax stores exactly the batch statistics (0 * old + 1 * new).
+        inner = nn.BatchNorm(
+            use_running_average=self.use_running_average,
+            momentum=0.0,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=PARAM_DTYPE,
+            scale_init=nn.initializers.ones,
+            bias_init=nn.initializers.zeros,
+        )
+        nn.share_scope(self, inner)
+        y = inner(x)
+        if (
+            not self.use_running_average
+            and not self.is_initializing()
+            and self.is_mutable_collection("batch_stats")
+        ):
+            count = x.size // x.shape[-1]
+            biased = self.get_variable("batch_stats", "var")
+            self.put_variable("batch_stats", "var", biased * (count / max(count - 1, 1)))
+        return y
+
+
+def batch_norm(train: bool, *, dtype: Dtype | None, name: str | None = None) -> BatchNorm:
+    """BatchNorm with PyTorch's defaults; batch statistics in train mode, stored ones in eval."""
+    return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """Mean over H and W ([N, H, W, C] -> [N, C]); the sum is taken in float32."""
-    return jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+    """Mean over H and W ([N, H, W, C] -> [N, C]); the sum is taken in float32 (or float64)."""
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
 
 
 def avg_pool_ceil(x: jax.Array, window: int) -> jax.Array:

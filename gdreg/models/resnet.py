@@ -117,7 +117,7 @@ class ResNet(nn.Module):
                 )(x, train)
         x = layers.global_avg_pool(x)
         x = layers.torch_dense(self.num_classes, x.shape[-1], dtype=self.dtype, name="fc")(x)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
 
 
 RESNET_CONFIGS: dict[int, tuple[type[nn.Module], tuple[int, ...]]] = {

@@ -1,0 +1,59 @@
+"""How the BatchNorm statistics of many forward passes become the running statistics.
+
+gdreg's BatchNorm layers (:class:`gdreg.models.layers.BatchNorm`) report each train-mode
+forward pass's batch statistics ``s`` (mean and unbiased variance per channel); the training
+engine (:mod:`gdreg.fullbatch`) turns the statistics of all passes of a step into the running
+statistics ``r`` that evaluation uses. The rules (``train.batchnorm_statistics``):
+
+``"reference"``
+    The reference implementation's rule (JonasGeiping/fullbatchtraining,
+    ``fullbatch/training/training.py`` with PyTorch's ``BatchNorm2d``, momentum ``m = 0.1``):
+    every train-mode forward pass updates ``r <- (1 - m) r + m s``, one after another, in the
+    order the passes run. Over ``K`` passes of a step that is the linear recurrence::
+
+        r_K = (1 - m)^K r_0 + sum_{k=0}^{K-1} m (1 - m)^(K-1-k) s_k
+
+    so every pass can be weighted by its global position ``k`` wherever it runs, and one sum
+    across devices gives the sequential result (:func:`sequential_weight`, :func:`decay`).
+    The passes of one step, in the reference's order: for each block, the gradient pass at
+    ``theta``, then the penalty's passes at perturbed weights (forward differences: one at
+    ``theta + eps_n v``; central differences: ``theta + eps_n v / 2``, then
+    ``theta - eps_n v / 2``); the exact ``jvp`` penalty (the reference's double backprop) and a
+    switched-off penalty make no extra pass. With ``penalty.full_strength > 0`` the first pass
+    over all blocks (the plain gradient) comes before them, as in the reference.
+``"mean"``
+    One momentum step per full-batch step with the mean of the gradient passes' block
+    statistics: ``r <- (1 - m) r + m mean_B s_B``. Independent of block order (gdreg's rule
+    before the reference's was matched); the perturbed passes do not count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gdreg.types import PyTree
+
+#: The rules of ``train.batchnorm_statistics``, see the module docstring.
+RULES: tuple[str, ...] = ("reference", "mean")
+
+#: PyTorch's BatchNorm momentum (the weight of the new batch statistics).
+TORCH_MOMENTUM = 0.1
+
+
+def sequential_weight(position: jax.Array, total: jax.Array, momentum: float) -> jax.Array:
+    """``m (1 - m)^(K - 1 - k)``: the weight of pass ``k`` of ``K`` in the sequential rule."""
+    base = jnp.asarray(1.0 - momentum, position.dtype)
+    return momentum * jnp.power(base, total - 1 - position)
+
+
+def decay(total: jax.Array, momentum: float) -> jax.Array:
+    """``(1 - m)^K``: what is left of the running statistics after ``K`` sequential passes."""
+    return jnp.power(jnp.asarray(1.0 - momentum, total.dtype), total)
+
+
+def combine(old: PyTree, weighted_sum: PyTree, old_weight: jax.Array) -> PyTree:
+    """``old_weight * old + weighted_sum``, leaf by leaf, in the dtype of ``weighted_sum``."""
+    return jax.tree.map(
+        lambda r, s: old_weight.astype(s.dtype) * jnp.asarray(r, s.dtype) + s, old, weighted_sum
+    )
