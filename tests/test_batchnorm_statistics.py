@@ -46,7 +46,9 @@ def problem():
     return float64(params), float64(model_state), (images.astype(np.float64), labels), layout
 
 
-def sequential_statistics(params, model_state, data, layout, *, method, strength):
+def sequential_statistics(
+    params, model_state, data, layout, *, method, strength, full_strength=0.0
+):
     """running <- (1 - m) running + m s after every train-mode forward pass, in order."""
     images, labels = data
     running = model_state
@@ -54,6 +56,16 @@ def sequential_statistics(params, model_state, data, layout, *, method, strength
     def update(running, statistics):
         return jax.tree.map(lambda r, s: (1 - MOMENTUM) * r + MOMENTUM * s, running, statistics)
 
+    full = None
+    if full_strength:  # the reference's first pass for acc_strength: every block at theta
+        block_grads = []
+        for block in layout:
+            (_, (statistics, _)), grads = jax.value_and_grad(problems.loss_fn, has_aux=True)(
+                params, model_state, images[block], labels[block]
+            )
+            running = update(running, statistics)
+            block_grads.append(grads)
+        full = jax.tree.map(lambda *leaves: np.mean(leaves, axis=0), *block_grads)
     for block in layout:
         x, y = images[block], labels[block]
         (_, (statistics, _)), grads = jax.value_and_grad(problems.loss_fn, has_aux=True)(
@@ -63,6 +75,8 @@ def sequential_statistics(params, model_state, data, layout, *, method, strength
         if strength == 0 or method == "jvp":
             continue  # no forward pass at perturbed weights (the reference's double backprop)
         vector = jax.tree.map(lambda g: strength * np.asarray(g), grads)
+        if full is not None:
+            vector = jax.tree.map(lambda v, f: v + full_strength * f, vector, full)
         norm = np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(vector)))
         shifts = [1.0] if method == "forward" else [0.5, -0.5]  # central: theta + then theta -
         for shift in shifts:
@@ -72,15 +86,24 @@ def sequential_statistics(params, model_state, data, layout, *, method, strength
     return running
 
 
-def engine_statistics(params, model_state, data, layout, shape, *, method, strength, rule):
+def engine_statistics(
+    params, model_state, data, layout, shape, *, method, strength, rule, full_strength=0.0
+):
     devices, per_call, microbatch_loop, block_loop = shape
     mesh = data_mesh(jax.devices()[:devices])
-    penalty = gradient_norm_penalty(strength=strength, learning_rate=0.1, eps=EPS, method=method)
+    penalty = gradient_norm_penalty(
+        strength=strength,
+        learning_rate=0.1,
+        eps=EPS,
+        method=method,
+        full_strength=full_strength,
+    )
     engine = FullBatchGradient(
         problems.loss_fn,
         problems.batch_fn,
         mesh=mesh,
         penalty=penalty,
+        penalty_full_gradient=full_strength > 0,
         blocks_per_microbatch=per_call,
         microbatch_loop=microbatch_loop,
         block_loop=block_loop,
@@ -147,6 +170,27 @@ def test_reference_rule_counts_the_passes_each_penalty_makes(x64, method, streng
         params, model_state, data, layout, method="forward", strength=STRENGTH
     )
     assert not np.allclose(jax.tree.leaves(got)[0], jax.tree.leaves(forward)[0], rtol=1e-6)
+
+
+def test_reference_rule_puts_the_full_gradient_pass_first(x64):
+    """penalty.full_strength > 0: the reference's first pass over all blocks (its acc_strength
+    pre-pass) updates the statistics before the blocks' own passes."""
+    params, model_state, data, layout = problem()
+    expected = sequential_statistics(
+        params, model_state, data, layout, method="forward", strength=STRENGTH, full_strength=0.3
+    )
+    got = engine_statistics(
+        params,
+        model_state,
+        data,
+        layout,
+        SHAPES[3],
+        method="forward",
+        strength=STRENGTH,
+        rule="reference",
+        full_strength=0.3,
+    )
+    assert_trees_close(got, expected, rtol=1e-12)
 
 
 def test_mean_rule_is_one_momentum_step_with_the_mean_block_statistics(x64):

@@ -171,6 +171,43 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         assert_tensorboard_equals_metrics(tmp_path / run)
 
 
+def restore_state(workdir, epoch):
+    path = os.path.join(os.path.abspath(workdir), rundir.CHECKPOINT_DIR)
+    with ocp.CheckpointManager(path) as manager:
+        restored = manager.restore(epoch, args=ocp.args.StandardRestore())
+    return jax.tree.map(np.asarray, restored)
+
+
+@pytest.mark.parametrize("rule", ["reference", "mean"])
+def test_resume_is_bitwise_equal_with_each_batchnorm_rule(tmp_path, monkeypatch, rule):
+    """A BatchNorm model (ResNet-18 at width 2) killed after epoch 3 and resumed from the
+    checkpoint of epoch 2 ends with the same parameters and running statistics, bit for bit."""
+    config = tiny_config(model__name="resnet18", model__width=2, train__batchnorm_statistics=rule)
+    config.train.epochs = 3
+    config.eval.every_epochs = 3
+    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    real_run_epoch = train.run_epoch
+
+    def dies_in_epoch_three(run, state, apply_update):
+        if int(jax.device_get(state.epoch)) == 2:
+            raise SimulatedKill
+        return real_run_epoch(run, state, apply_update)
+
+    monkeypatch.setattr(train, "run_epoch", dies_in_epoch_three)
+    with pytest.raises(SimulatedKill):
+        train.train_and_evaluate(config, str(tmp_path / "killed"))
+    monkeypatch.setattr(train, "run_epoch", real_run_epoch)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "killed"))
+    assert strip_timing([resumed]) == strip_timing([whole])
+    a, b = restore_state(tmp_path / "whole", 3), restore_state(tmp_path / "killed", 3)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    initial = restore_state(tmp_path / "whole", 2)["model_state"]["batch_stats"]
+    moved = jax.tree.map(
+        lambda x, y: bool(np.any(x != y)), initial, a["model_state"]["batch_stats"]
+    )
+    assert all(jax.tree.leaves(moved)), "the running statistics should move every epoch"
+
+
 def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
     """tag -> [(step, value)] of every scalar in ``workdir/tensorboard``, read by TensorFlow."""
     import tensorflow as tf
