@@ -117,7 +117,7 @@ class FullBatchGradient:
     ``loss_fn`` and ``batch_fn`` are pure functions (see :mod:`gdreg.types`); ``data`` is a
     pytree held replicated on every device (e.g. the uint8 training set), which ``batch_fn``
     turns into one block's inputs. ``penalty`` is an optax transformation applied to every
-    block gradient as ``penalty.update(g_B, penalty_state, params, grad_fn=grad of L_B)``.
+    block gradient as ``penalty.update(g_B, penalty_state, params, penalty_grad_fn=grad of L_B)``.
 
     With ``penalty_full_gradient=True`` each call makes two passes over the same blocks and
     augmentation draws, as the reference implementation does for its ``acc_strength``: the
@@ -226,7 +226,7 @@ class FullBatchGradient:
         if self.penalty is not None:
             extra = {"full_grads": full_grads} if self.penalty_full_gradient else {}
             grads, new_penalty_state = self.penalty.update(
-                grads, penalty_state, params, grad_fn=jax.grad(loss_only), **extra
+                grads, penalty_state, params, penalty_grad_fn=jax.grad(loss_only), **extra
             )
             grads = _as_float32(grads)
         sums = {
