@@ -33,7 +33,16 @@ _HOMES = {
     "PenaltyTrainState": "gdreg.flax_helpers",
     "nnx_value_and_penalized_grad": "gdreg.flax_helpers",
 }
-__all__ = list(_HOMES)
+__all__ = [
+    "GradientNormPenaltyState",
+    "PenaltyTrainState",
+    "gradient_norm_penalty",
+    "hessian_vector_product",
+    "nnx_value_and_penalized_grad",
+    "penalized_gradient",
+    "value_and_penalized_grad",
+]
+assert sorted(__all__) == sorted(_HOMES)
 
 
 def __getattr__(name: str):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import runpy
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -22,8 +20,6 @@ from gdreg.penalty import (
     gradient_norm_penalty,
     hessian_vector_product,
 )
-
-SNIPPET = Path(__file__).resolve().parents[1] / "docs" / "penalty_snippet.py"
 
 
 def _tree_allclose(actual, expected, rtol, atol=0.0):
@@ -528,10 +524,23 @@ def test_shard_map_over_data():
     _tree_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_readme_snippet_runs_and_loss_falls(capsys):
-    namespace = runpy.run_path(str(SNIPPET), run_name="__main__")
-    losses = namespace["losses"]
-    assert len(losses) >= 3
-    assert losses[-1] < 0.7 * losses[0]
-    printed = capsys.readouterr().out
-    assert printed.count("loss") >= len(losses)
+@pytest.mark.parametrize("method", ["forward", "central", "jvp"])
+def test_aux_comes_from_the_perturbed_evaluations(x64, method):
+    loss, params, grads, hessian_times, _ = _quadratic()
+    vector = jax.tree.map(lambda g: 0.5 * g, grads)
+
+    def with_aux(p):  # aux: the parameters the gradient was evaluated at
+        return jax.grad(loss)(p), p
+
+    product, aux = hessian_vector_product(
+        with_aux, params, vector, method=method, eps=1e-3, grads=grads, has_aux=True
+    )
+    _tree_allclose(product, hessian_times(vector), rtol=1e-9)
+    step = 1e-3 / np.linalg.norm(ravel_pytree(vector)[0])
+    if method == "forward":
+        _tree_allclose(aux, _add_scaled(params, step, vector), rtol=1e-12)
+    elif method == "central":
+        _tree_allclose(aux[0], _add_scaled(params, step / 2, vector), rtol=1e-12)
+        _tree_allclose(aux[1], _add_scaled(params, -step / 2, vector), rtol=1e-12)
+    else:
+        _tree_allclose(aux, params, rtol=0)
