@@ -35,6 +35,7 @@ They are two different regularizers there; the paper's numbers come from forward
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -89,13 +90,15 @@ def _check_method(method: str) -> None:
 
 
 def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    """Rejects a bad Python number; arrays and schedules pass (they may be traced)."""
-    if not _is_python_number(value):
+    """Rejects a bad Python number or a non-number; arrays and schedules pass (maybe traced)."""
+    if value is None or callable(value) or hasattr(value, "dtype"):
         return
-    ok = value > 0 if positive else value >= 0  # also rejects NaN
+    if not _is_python_number(value):
+        raise TypeError(f"{name} must be a number, an array or a schedule, got {name}={value!r}")
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
     if not ok:
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be {bound}, got {name}={value!r}")
+        raise ValueError(f"{name} must be finite and {bound}, got {name}={value!r}")
 
 
 def _check_eps(eps: Any) -> None:

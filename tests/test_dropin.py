@@ -382,14 +382,30 @@ def test_check_passes_correct_use_and_catches_multisteps():
             _, state = accumulate.update(grad_fn(params), state, params, penalty_grad_fn=grad_fn)
 
 
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ({"learning_rate": -0.1}, ValueError),
+        ({"learning_rate": float("nan")}, ValueError),
+        ({"learning_rate": True}, TypeError),
+        ({"learning_rate": 0.1, "eps": 0.0}, ValueError),
+        ({"learning_rate": 0.1, "eps": float("inf")}, ValueError),
+        ({"learning_rate": 0.1, "strength": "0.5"}, TypeError),
+        ({"learning_rate": 0.1, "method": "Forward"}, ValueError),
+    ],
+)
+def test_bad_arguments_name_themselves(bad, error):
+    name = next(reversed(bad))
+    for build in (gdreg.gradient_norm_penalty, gdreg.value_and_penalized_grad):
+        with pytest.raises(error, match=name):
+            build(**bad) if build is gdreg.gradient_norm_penalty else build(jnp.sum, **bad)
+
+
 def test_transform_construction_errors():
     with pytest.raises(TypeError, match="learning_rate"):
         gdreg.gradient_norm_penalty()  # no silent default of 1.0
     with pytest.raises(TypeError):
         gdreg.gradient_norm_penalty(0.5, 0.1)  # keywords only: no swapped positions
-    for bad in ({"learning_rate": -0.1}, {"learning_rate": 0.1, "eps": 0.0}):
-        with pytest.raises(ValueError, match=next(reversed(bad))):
-            gdreg.gradient_norm_penalty(**bad)
 
 
 # --- Flax helpers -----------------------------------------------------------------------------
@@ -426,6 +442,10 @@ def test_penalty_train_state_forwards_update_arguments():
     _assert_tree_close(stepped.params, optax.apply_updates(params, updates), rtol=1e-6)
 
 
+# flax's Dropout scatters a float32 constant into float64 activations under x64: its warning.
+FLAX_DROPOUT_X64 = pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
+
+
 class _NnxNet(nnx.Module):
     """Linear -> BatchNorm -> tanh -> Dropout -> Linear, float64."""
 
@@ -444,6 +464,7 @@ def _nnx_loss(model, x, y):
     return jnp.mean((model(x) - y) ** 2)
 
 
+@FLAX_DROPOUT_X64
 def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64):
     x, y = _regression()
     model = _NnxNet(nnx.Rngs(0, dropout=1))
@@ -480,6 +501,7 @@ def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64):
     assert jax.tree.structure(grads) == jax.tree.structure(nnx.state(model, nnx.Param))
 
 
+@FLAX_DROPOUT_X64
 def test_nnx_grad_fn_with_fresh_dropout_masks_is_caught_by_check(x64):
     x, y = _regression()
     model = _NnxNet(nnx.Rngs(0, dropout=1))
@@ -503,3 +525,25 @@ def test_readme_snippets_train(name, capsys):
     if "final_accuracy" in namespace:
         assert namespace["final_accuracy"] > 0.9
     assert capsys.readouterr().out.count("loss") >= len(losses) - 1
+
+
+@pytest.mark.parametrize("mistake", ["incoming gradient not averaged", "no axis_name"])
+def test_check_catches_a_missing_cross_device_mean(mistake):
+    loss_fn, params, x, y = _mlp_problem(np.float32)
+    mesh = jax.make_mesh((4,), ("batch",), devices=jax.devices()[:4])
+    x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
+    axis_name = "batch" if mistake == "incoming gradient not averaged" else None
+    tx = gdreg.gradient_norm_penalty(learning_rate=LR, axis_name=axis_name, check=True)
+
+    def body(p, xb, yb):
+        local = jax.grad(loss_fn)(p, xb, yb)
+        incoming = local if axis_name else jax.lax.pmean(local, "batch")
+        return tx.update(
+            incoming, tx.init(p), p, penalty_grad_fn=lambda q: jax.grad(loss_fn)(q, xb, yb)
+        )[0]
+
+    sharded = jax.shard_map(
+        body, mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P(), check_vma=False
+    )
+    with pytest.raises(Exception, match="differs from the incoming gradient"):
+        jax.block_until_ready(jax.jit(sharded)(params, x_sharded, y_sharded))
