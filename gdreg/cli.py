@@ -1,4 +1,4 @@
-"""Command-line parsing shared by ``gdreg.main`` and ``gdreg.bench``: one ``error:`` line, exit 2.
+"""The command-line programs' entry points and their parsing: one ``error:`` line, exit 2.
 
 absl parses the flags (and ml_collections loads the ``--config`` file and applies its
 ``--config.FIELD=VALUE`` overrides) before the program's ``main`` runs; any mistake there, an
@@ -8,7 +8,10 @@ reported here as one line instead of absl's usage text or a traceback.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
+from collections.abc import Callable
 
 from absl import flags
 
@@ -48,3 +51,42 @@ def parse_flags(argv: list[str]) -> list[str]:
     except Exception as error:  # absl's flags.Error, or anything loading --config raised
         print(f"error: {_message(error, argv)}", file=sys.stderr)
     sys.exit(exitcodes.BAD_INPUT)
+
+
+#: Top-level modules of the "train" extra that the programs import (the penalty needs none).
+TRAINING_MODULES = (
+    "ml_collections",
+    "orbax",
+    "tensorflow_datasets",
+    "matplotlib",
+    "sklearn",
+    "tensorboardX",
+    "tqdm",
+)
+
+
+def missing_training_modules() -> list[str]:
+    """The modules of the "train" extra that cannot be imported here."""
+    return [name for name in TRAINING_MODULES if importlib.util.find_spec(name) is None]
+
+
+def _program(module: str, command: str) -> Callable[[], None]:
+    def entry() -> None:
+        missing = missing_training_modules()
+        if missing:
+            print(
+                f"error: {command} needs the training dependencies, missing here: "
+                f'{", ".join(missing)}; install them with: pip install "gdreg[train]"',
+                file=sys.stderr,
+            )
+            sys.exit(exitcodes.BAD_INPUT)
+        importlib.import_module(module).run()
+
+    entry.__doc__ = f"The ``{command}`` console script: ``{module}.run`` once its imports exist."
+    return entry
+
+
+train = _program("gdreg.main", "gdreg-train")
+report = _program("gdreg.report", "gdreg-report")
+landscape = _program("gdreg.landscape", "gdreg-landscape")
+bench = _program("gdreg.bench", "gdreg-bench")

@@ -133,7 +133,8 @@ class FullBatchGradient:
     ``loss_fn`` and ``batch_fn`` are pure functions (see :mod:`gdreg.types`); ``data`` is a
     pytree held replicated on every device (e.g. the uint8 training set), which ``batch_fn``
     turns into one block's inputs. ``penalty`` is an optax transformation applied to every
-    block gradient as ``penalty.update(g_B, penalty_state, params, grad_fn=grad of L_B)``.
+    block gradient as ``penalty.update(g_B, penalty_state, params, penalty_grad_fn=grad of L_B)``
+    (built without ``check``, whose extra evaluation would count as a forward pass).
     ``batchnorm_statistics`` names the rule for the running statistics
     (:data:`gdreg.batchnorm.RULES`), ``batchnorm_momentum`` the weight of new statistics
     (PyTorch's convention, 0.1).
@@ -274,7 +275,7 @@ class FullBatchGradient:
 
             extra = {"full_grads": full_grads} if self.penalty_full_gradient else {}
             grads, new_penalty_state = self.penalty.update(
-                grads, penalty_state, params, grad_fn=penalty_grad_fn, **extra
+                grads, penalty_state, params, penalty_grad_fn=penalty_grad_fn, **extra
             )
             grads = _accumulated(grads)
         passes = [statistics, *perturbed]

@@ -38,7 +38,9 @@ def naive_full_batch(params, model_state, layout, penalty=None):
                 g,
                 penalty_state,
                 params,
-                grad_fn=jax.grad(lambda p, x=x, y=y: problems.loss_fn(p, model_state, x, y)[0]),
+                penalty_grad_fn=jax.grad(
+                    lambda p, x=x, y=y: problems.loss_fn(p, model_state, x, y)[0]
+                ),
             )
         grads.append(ravel_pytree(g)[0])
         losses.append(float(loss))
@@ -274,7 +276,9 @@ def test_full_strength_hands_the_full_gradient_to_every_block(x64):
     tolerance = 1e-6 * np.abs(expected).max()
     assert np.abs(expected - expected_with(0.0)).max() > 100 * tolerance
 
-    penalty = gradient_norm_penalty(strength, lr, method="jvp", full_strength=full_strength)
+    penalty = gradient_norm_penalty(
+        strength=strength, learning_rate=lr, method="jvp", full_strength=full_strength
+    )
     mesh = data_mesh()
     engine = FullBatchGradient(
         problems.loss_fn,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import runpy
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -22,8 +20,6 @@ from gdreg.penalty import (
     gradient_norm_penalty,
     hessian_vector_product,
 )
-
-SNIPPET = Path(__file__).resolve().parents[1] / "docs" / "penalty_snippet.py"
 
 
 def _tree_allclose(actual, expected, rtol, atol=0.0):
@@ -169,8 +165,8 @@ def test_quadratic_added_term_with_schedule(x64, method):
     loss, params, grads, hessian_times, _ = _quadratic()
     strength = 0.5
     schedule = optax.linear_schedule(1.0, 0.2, transition_steps=10)
-    tx = gradient_norm_penalty(strength, schedule, method=method)
-    update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=jax.grad(loss)))
+    tx = gradient_norm_penalty(strength=strength, learning_rate=schedule, method=method)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, penalty_grad_fn=jax.grad(loss)))
     state = tx.init(params)
     assert isinstance(state, GradientNormPenaltyState)
     assert state.count.dtype == jnp.int32 and state.count.shape == ()
@@ -196,9 +192,13 @@ def test_full_strength_adds_full_gradient_to_vector(x64, method):
     full_grads = split(np.random.default_rng(7).standard_normal(5))
     lr = 0.8
     for strength, full_strength in [(0.5, 0.3), (0.0, 0.3)]:
-        tx = gradient_norm_penalty(strength, lr, method=method, full_strength=full_strength)
+        tx = gradient_norm_penalty(
+            strength=strength, learning_rate=lr, method=method, full_strength=full_strength
+        )
         out, _ = jax.jit(
-            lambda g, s, p, f, tx=tx: tx.update(g, s, p, grad_fn=jax.grad(loss), full_grads=f)
+            lambda g, s, p, f, tx=tx: tx.update(
+                g, s, p, penalty_grad_fn=jax.grad(loss), full_grads=f
+            )
         )(grads, tx.init(params), params, full_grads)
         v = _add_scaled(jax.tree.map(lambda g, s=strength: s * g, grads), full_strength, full_grads)
         _tree_allclose(out, _add_scaled(grads, lr / 4, hessian_times(v)), rtol=1e-9)
@@ -212,12 +212,12 @@ def test_zero_gradient_gives_zero_correction(method):
         return 0.5 * p["z"] @ a @ p["z"]
 
     grad_fn = jax.grad(loss)
-    tx = gradient_norm_penalty(0.5, 1.0, method=method)
+    tx = gradient_norm_penalty(strength=0.5, learning_rate=1.0, method=method)
 
     @jax.jit
     def run(params, zeros):
         grads = grad_fn(params)
-        out, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+        out, _ = tx.update(grads, tx.init(params), params, penalty_grad_fn=grad_fn)
         # A zero vector where the gradient is not zero: the masked difference is zero too.
         shifted = jax.tree.map(lambda z: z + 1.0, params)
         hvp = hessian_vector_product(grad_fn, shifted, zeros, method=method, grads=grad_fn(shifted))
@@ -247,11 +247,11 @@ def test_strength_zero_is_identity_and_never_calls_grad_fn():
     def forbidden(params):
         raise AssertionError("grad_fn must not be called")
 
-    tx = gradient_norm_penalty(strength=0.0, full_strength=0.0)
+    tx = gradient_norm_penalty(strength=0.0, learning_rate=0.1, full_strength=0.0)
     params = {"w": np.ones(3, np.float32)}
     grads = {"w": np.array([1.0, -2.0, 3.0], np.float32)}
     state = tx.init(params)
-    out, state = tx.update(grads, state, params, grad_fn=forbidden)
+    out, state = tx.update(grads, state, params, penalty_grad_fn=forbidden)
     assert out is grads
     out, state = tx.update(grads, state, params)  # no grad_fn needed either
     assert out is grads
@@ -268,8 +268,8 @@ def test_bfloat16_uses_float32_path(method):
         seen_dtypes.extend(leaf.dtype for leaf in jax.tree.leaves(p))  # recorded while tracing
         return jax.grad(loss)(p)
 
-    tx = gradient_norm_penalty(2.0, 0.5, method=method)
-    update = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, grad_fn=grad_fn)[0])
+    tx = gradient_norm_penalty(strength=2.0, learning_rate=0.5, method=method)
+    update = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, penalty_grad_fn=grad_fn)[0])
     out = update(grads, params)
     assert seen_dtypes and all(d == jnp.float32 for d in seen_dtypes)
     for leaf in jax.tree.leaves(out):
@@ -305,19 +305,19 @@ def test_bfloat16_uses_float32_path(method):
 )
 def test_bad_construction_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        gradient_norm_penalty(**kwargs)
+        gradient_norm_penalty(**{"learning_rate": 0.1, **kwargs})
 
 
 def test_bad_update_arguments():
     params = {"w": np.ones(2, np.float32)}
     grads = {"w": np.ones(2, np.float32)}
     grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 3))
-    tx = gradient_norm_penalty()
+    tx = gradient_norm_penalty(learning_rate=1.0)
     with pytest.raises(ValueError, match="grad_fn"):
         tx.update(grads, tx.init(params), params)
-    tx = gradient_norm_penalty(full_strength=0.5)
+    tx = gradient_norm_penalty(learning_rate=1.0, full_strength=0.5)
     with pytest.raises(ValueError, match="full_grads"):
-        tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+        tx.update(grads, tx.init(params), params, penalty_grad_fn=grad_fn)
     with pytest.raises(ValueError, match="method"):
         hessian_vector_product(grad_fn, params, grads, method="exact")
     with pytest.raises(ValueError, match="eps"):
@@ -325,10 +325,10 @@ def test_bad_update_arguments():
     with pytest.raises(ValueError, match="grad_fn"):  # output not shaped like the parameters
         hessian_vector_product(lambda p: {"w": np.ones(3, np.float32)}, params, grads)
     # Unknown extra arguments (meant for other transformations of a chain) are ignored.
-    tx = gradient_norm_penalty(method="jvp")
-    out, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn, value=1.0, unrelated="x"))(
-        grads, tx.init(params), params
-    )
+    tx = gradient_norm_penalty(learning_rate=1.0, method="jvp")
+    out, _ = jax.jit(
+        lambda g, s, p: tx.update(g, s, p, penalty_grad_fn=grad_fn, value=1.0, unrelated="x")
+    )(grads, tx.init(params), params)
     # lr 1: g + 1/4 * H (0.5 g) with H = diag(6 w) = 6 I and g = 1.
     np.testing.assert_allclose(out["w"], 1.0 + 1.0 / 4 * 6.0 * 0.5)
 
@@ -360,7 +360,7 @@ def _train_linen(tx):
     def step(carry, _):
         p, opt_state = carry
         loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, opt_state = tx.update(grads, opt_state, p, grad_fn=jax.grad(loss_fn))
+        updates, opt_state = tx.update(grads, opt_state, p, penalty_grad_fn=jax.grad(loss_fn))
         return (optax.apply_updates(p, updates), opt_state), loss
 
     @jax.jit
@@ -373,7 +373,9 @@ def _train_linen(tx):
 
 
 def test_chain_trains_linen_model():
-    penalized = optax.chain(gdreg.gradient_norm_penalty(STRENGTH, LR), optax.sgd(LR))
+    penalized = optax.chain(
+        gdreg.gradient_norm_penalty(strength=STRENGTH, learning_rate=LR), optax.sgd(LR)
+    )
     losses, final_loss, grad_norm = _train_linen(penalized)
     _, _, plain_grad_norm = _train_linen(optax.sgd(LR))
     assert final_loss < 0.5 * losses[0]
@@ -404,7 +406,7 @@ def _train_nnx(tx):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         loss_fn = loss_of(graphdef, rest)
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        optimizer.update(model, grads, grad_fn=jax.grad(loss_fn))
+        optimizer.update(model, grads, penalty_grad_fn=jax.grad(loss_fn))
         return loss, optax.tree.norm(grads)
 
     # Loss and gradient norm of each call are those before its update, so the extra last call
@@ -415,7 +417,9 @@ def _train_nnx(tx):
 
 
 def test_chain_trains_nnx_model():
-    penalized = optax.chain(gdreg.gradient_norm_penalty(STRENGTH, LR), optax.sgd(LR))
+    penalized = optax.chain(
+        gdreg.gradient_norm_penalty(strength=STRENGTH, learning_rate=LR), optax.sgd(LR)
+    )
     losses, final_loss, grad_norm = _train_nnx(penalized)
     _, _, plain_grad_norm = _train_nnx(optax.sgd(LR))
     assert final_loss < 0.5 * losses[0]
@@ -457,13 +461,16 @@ def test_vmap_over_blocks_equals_loop():
     model = _Regressor()
     params = jax.jit(model.init)(jax.random.key(5), xs[0])
     methods = ("forward", "jvp")
-    txs = {m: gradient_norm_penalty(0.5, optax.constant_schedule(0.8), method=m) for m in methods}
+    txs = {
+        m: gradient_norm_penalty(strength=0.5, learning_rate=optax.constant_schedule(0.8), method=m)
+        for m in methods
+    }
     states = {m: tx.init(params) for m, tx in txs.items()}
 
     def block_update(p, s, xb, yb):
         grad_fn = jax.grad(lambda q: jnp.mean((model.apply(q, xb) - yb) ** 2))
         g = grad_fn(p)
-        return {m: tx.update(g, s[m], p, grad_fn=grad_fn) for m, tx in txs.items()}
+        return {m: tx.update(g, s[m], p, penalty_grad_fn=grad_fn) for m, tx in txs.items()}
 
     batched = jax.jit(jax.vmap(block_update, in_axes=(None, None, 0, 0)))(params, states, xs, ys)
     single = jax.jit(block_update)
@@ -487,7 +494,7 @@ def test_shard_map_over_data():
     x, y = _regression_data()
     model = _Regressor()
     params = jax.jit(model.init)(jax.random.key(2), x)
-    tx = gradient_norm_penalty(0.5, 0.8)
+    tx = gradient_norm_penalty(strength=0.5, learning_rate=0.8)
 
     def loss_fn(p, xb, yb):
         return jnp.mean((model.apply(p, xb) - yb) ** 2)
@@ -499,7 +506,7 @@ def test_shard_map_over_data():
             # taken after jax.grad would leave it n_devices times too large.
             return jax.grad(lambda r: jax.lax.pmean(loss_fn(r, xb, yb), "data"))(q)
 
-        return tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+        return tx.update(grad_fn(p), s, p, penalty_grad_fn=grad_fn)
 
     f = jax.shard_map(
         sharded,
@@ -510,17 +517,30 @@ def test_shard_map_over_data():
     out, state = jax.jit(f)(params, tx.init(params), x, y)
     ref, _ = jax.jit(
         lambda p, s: tx.update(
-            jax.grad(loss_fn)(p, x, y), s, p, grad_fn=lambda q: jax.grad(loss_fn)(q, x, y)
+            jax.grad(loss_fn)(p, x, y), s, p, penalty_grad_fn=lambda q: jax.grad(loss_fn)(q, x, y)
         )
     )(params, tx.init(params))
     assert int(state.count) == 1
     _tree_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_readme_snippet_runs_and_loss_falls(capsys):
-    namespace = runpy.run_path(str(SNIPPET), run_name="__main__")
-    losses = namespace["losses"]
-    assert len(losses) >= 3
-    assert losses[-1] < 0.7 * losses[0]
-    printed = capsys.readouterr().out
-    assert printed.count("loss") >= len(losses)
+@pytest.mark.parametrize("method", ["forward", "central", "jvp"])
+def test_aux_comes_from_the_perturbed_evaluations(x64, method):
+    loss, params, grads, hessian_times, _ = _quadratic()
+    vector = jax.tree.map(lambda g: 0.5 * g, grads)
+
+    def with_aux(p):  # aux: the parameters the gradient was evaluated at
+        return jax.grad(loss)(p), p
+
+    product, aux = hessian_vector_product(
+        with_aux, params, vector, method=method, eps=1e-3, grads=grads, has_aux=True
+    )
+    _tree_allclose(product, hessian_times(vector), rtol=1e-9)
+    step = 1e-3 / np.linalg.norm(ravel_pytree(vector)[0])
+    if method == "forward":
+        _tree_allclose(aux, _add_scaled(params, step, vector), rtol=1e-12)
+    elif method == "central":
+        _tree_allclose(aux[0], _add_scaled(params, step / 2, vector), rtol=1e-12)
+        _tree_allclose(aux[1], _add_scaled(params, -step / 2, vector), rtol=1e-12)
+    else:
+        _tree_allclose(aux, params, rtol=0)
