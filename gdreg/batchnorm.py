@@ -24,7 +24,17 @@ statistics ``r`` that evaluation uses. The rules (``train.batchnorm_statistics``
 ``"mean"``
     One momentum step per full-batch step with the mean of the gradient passes' block
     statistics: ``r <- (1 - m) r + m mean_B s_B``. Independent of block order (gdreg's rule
-    before the reference's was matched); the perturbed passes do not count.
+    before the reference's was matched, then with the biased variance); the perturbed passes
+    do not count.
+``"recompute"``
+    Training leaves the running statistics alone; before every evaluation they are replaced by
+    the statistics of the whole training set at the current weights
+    (:func:`gdreg.experiment.recompute_statistics`): at every layer the mean and unbiased
+    variance over all the set's pixels of that layer's input, with every earlier layer
+    normalized by its own whole-set statistics. They are the statistics of one train-mode
+    forward pass over the whole set as a single batch (with PyTorch's unbiased variance), so
+    the network in eval mode computes on the training set what that pass computes, up to the
+    variance's factor n / (n - 1) (n: the set's pixels per channel).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import jax.numpy as jnp
 from gdreg.types import PyTree
 
 #: The rules of ``train.batchnorm_statistics``, see the module docstring.
-RULES: tuple[str, ...] = ("reference", "mean")
+RULES: tuple[str, ...] = ("reference", "mean", "recompute")
 
 #: PyTorch's BatchNorm momentum (the weight of the new batch statistics).
 TORCH_MOMENTUM = 0.1

@@ -72,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     # How the BatchNorm statistics of a step's forward passes become the running statistics
     # that evaluation uses (gdreg.batchnorm): reference (the reference implementation's
     # sequential update over every train-mode pass, the penalty's perturbed passes included)
-    # | mean (one momentum step with the mean block statistics, order-free).
+    # | mean (one momentum step with the mean block statistics, order-free) | recompute (the
+    # statistics of the whole training set at the current weights, before each evaluation).
     config.train.batchnorm_statistics = "reference"
 
     config.optim = ml_collections.ConfigDict()

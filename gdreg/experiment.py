@@ -17,6 +17,7 @@ reference implementation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 
 from gdreg import config as config_lib
@@ -32,9 +34,10 @@ from gdreg import data
 from gdreg.evaluate import Evaluator, flip_averaged
 from gdreg.fullbatch import FullBatchGradient, block_layout
 from gdreg.models import create_model
+from gdreg.models.layers import MOMENTS
 from gdreg.optim import learning_rate_schedule, sgd_chain
 from gdreg.penalty import GradientNormPenaltyState, gradient_norm_penalty
-from gdreg.sharding import data_mesh, replicate
+from gdreg.sharding import data_mesh, fetch_replicated, replicate
 from gdreg.types import BatchFn, LossFn, PredictFn, PyTree
 
 
@@ -73,6 +76,8 @@ class Run:
     test_data: PyTree
     num_virtual_images: int  # the training set as augmentation sees it (N x copies)
     steps_per_epoch: int
+    # train.batchnorm_statistics="recompute": the engine of recompute_statistics (else None)
+    statistics_engine: FullBatchGradient | None = None
 
 
 # ----- the pieces ---------------------------------------------------------------------------
@@ -254,6 +259,103 @@ def make_evaluator(
         return Evaluator(predict, test_batch, mesh=mesh, batch_size=config.eval.batch_size)
 
 
+def make_statistics_engine(engine: FullBatchGradient, model: nn.Module) -> FullBatchGradient:
+    """The engine of :func:`recompute_statistics`: the training blocks in eval mode, forward
+    only, returning the mean over blocks of every BatchNorm layer's input moments."""
+
+    def moments_fn(params, model_state, inputs, labels):
+        estimate = model_state["estimate"]
+        logits, moments = model.apply(
+            {"params": params, **estimate}, inputs, train=False, mutable=[MOMENTS]
+        )
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        # With momentum 1 the engine's "mean" rule returns the mean of these over the blocks.
+        return loss, ({"estimate": estimate, "moments": moments}, {"accuracy": accuracy})
+
+    return engine.replace(
+        loss_fn=moments_fn, penalty=None, batchnorm_statistics="mean", batchnorm_momentum=1.0
+    ).forward_only()
+
+
+def recompute_statistics(run: Run, state: TrainState) -> PyTree:
+    """The BatchNorm statistics of the whole training set at ``state.params`` (host arrays
+    shaped like ``state.model_state``; the state's arrays are replicated on the mesh).
+
+    For ``train.batchnorm_statistics="recompute"`` (see :mod:`gdreg.batchnorm`): at every
+    layer the mean and unbiased variance over all pixels of the layer's input, on the images
+    of the last epoch's blocks (augmented as its step saw them), with every earlier
+    layer normalized by its own whole-set statistics. These are what one train-mode forward
+    pass over the whole set as a single batch computes (torch.nn.BatchNorm2d's running
+    statistics with momentum 1). Computed block by block, sharded like training: each pass
+    runs the blocks in eval mode with the current estimate and sums every layer's input
+    moments; a layer whose inputs depend on d earlier BatchNorm layers is exact after d + 1
+    passes, so the passes repeat until the estimate stops changing (at most one pass per
+    layer, plus one). The passes normalize with the biased variance, as a train-mode pass
+    does; the returned variance is the unbiased one (PyTorch's running-variance convention),
+    so eval mode on the training set differs from that single pass only by the factor
+    n / (n - 1) in the variance, n the set's pixels per channel. The result depends only on ``params``, the data and ``epoch``: it starts
+    from mean 0 and variance 1, never from earlier statistics, so a resumed run recomputes the
+    same numbers.
+    """
+    engine = run.statistics_engine
+    params = state.params
+    epoch = max(int(fetch_replicated(state.epoch)) - 1, 0)
+    layouts = epoch_layouts(run, epoch)
+    layout = np.concatenate(layouts) if len(layouts) > 1 else layouts[0]
+    template = fetch_replicated(state.model_state)
+    if not template:
+        return template
+    flat = flatten_dict(template)
+    estimate = unflatten_dict(
+        {k: np.zeros_like(v) if k[-1] == "mean" else np.ones_like(v) for k, v in flat.items()}
+    )
+    layers = {k[:-1] for k in flat}
+    for _ in range(len(layers) + 1):
+        probe = {"estimate": estimate, "moments": _zero_moments(layers, flat)}
+        result = engine(params, replicate(probe, run.mesh), None, run.train_data, layout, epoch)
+        moments = flatten_dict(fetch_replicated(result.model_state)["moments"])
+        flat_estimate = flatten_dict(estimate)
+        updated, unbiased = {}, {}
+        for layer in layers:
+            shift = flat_estimate[(*layer, "mean")]
+            key = (MOMENTS, *layer[1:])
+            first, second = moments[(*key, "mean")], moments[(*key, "square")]
+            count = moments[(*key, "count")] * layout.shape[0]
+            mean, var = shift + first, second - first * first  # biased, as a train pass uses
+            # Downstream of a layer not yet exact, activations may overflow (float32); such a
+            # layer starts again from mean 0, variance 1 and is exact once its inputs are.
+            finite = np.isfinite(mean) & np.isfinite(var)
+            updated[(*layer, "mean")] = np.where(finite, mean, 0)
+            updated[(*layer, "var")] = np.where(finite, var, 1)
+            unbiased[(*layer, "var")] = updated[(*layer, "var")] * (count / (count - 1))
+        updated = {k: np.asarray(v, flat_estimate[k].dtype) for k, v in updated.items()}
+        converged = all(np.array_equal(updated[k], flat_estimate[k]) for k in updated)
+        estimate = unflatten_dict(updated)
+        if converged:
+            break
+    else:  # cannot happen for a feed-forward network; say so rather than hide it
+        logging.warning(
+            "recomputed BatchNorm statistics did not settle within %d passes", len(layers) + 1
+        )
+    result = flatten_dict(estimate)
+    result.update({k: np.asarray(v, result[k].dtype) for k, v in unbiased.items()})
+    return unflatten_dict(result)
+
+
+def _zero_moments(layers, flat):
+    """Zeros shaped like the moments every BatchNorm layer reports (mean, square, count)."""
+    zeros = {}
+    for layer in layers:
+        mean = flat[(*layer, "mean")]
+        key = (MOMENTS, *layer[1:])
+        zeros[(*key, "mean")] = np.zeros_like(mean)
+        zeros[(*key, "square")] = np.zeros_like(mean)
+        zeros[(*key, "count")] = np.zeros((), mean.dtype)
+    return unflatten_dict(zeros)
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict, num_virtual_images: int) -> int:
     """Optimizer steps per epoch: 1 in full-batch mode, ``N // batch_size`` in stochastic."""
     if config.train.mode == "fullbatch":
@@ -283,13 +385,17 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
     model = make_model(config, dataset.num_classes)
     optimizer = make_optimizer(config, steps)
     train_batch, test_batch = make_batch_fns(config, dataset)
+    engine = make_engine(config, model, train_batch, optimizer.penalty, mesh)
+    statistics_engine = None
+    if config.train.batchnorm_statistics == "recompute":
+        statistics_engine = make_statistics_engine(engine, model)
     return Run(
         config=config,
         dataset=dataset,
         mesh=mesh,
         model=model,
         optimizer=optimizer,
-        engine=make_engine(config, model, train_batch, optimizer.penalty, mesh),
+        engine=engine,
         evaluator=make_evaluator(config, model, test_batch, mesh),
         train_data=replicate(
             {"images": dataset.train_images, "labels": dataset.train_labels}, mesh
@@ -297,6 +403,7 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
         test_data=replicate({"images": dataset.test_images, "labels": dataset.test_labels}, mesh),
         num_virtual_images=num_virtual,
         steps_per_epoch=steps,
+        statistics_engine=statistics_engine,
     )
 
 

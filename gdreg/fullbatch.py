@@ -33,7 +33,7 @@ the new running statistics by one of the rules of :mod:`gdreg.batchnorm`: ``"ref
 reference implementation's sequential update over every train-mode pass (the penalty's passes
 at perturbed weights included), each pass weighted by its global position so that the result
 depends neither on the devices nor on the loop shape; ``"mean"``, one momentum step with the
-mean block statistics. Every leaf of ``model_state`` is
+mean block statistics; ``"recompute"``, left unchanged. Every leaf of ``model_state`` is
 treated as such a running average.
 """
 
@@ -299,6 +299,8 @@ class FullBatchGradient:
         passes = [_accumulated(statistics) for statistics in passes]
         if self.batchnorm_statistics == "mean":
             return passes[0]
+        if self.batchnorm_statistics == "recompute":
+            return jax.tree.map(jnp.zeros_like, passes[0])
         dtype = _accumulation_dtype(passes)
         per_block = len(passes)
         first = jnp.asarray(position, dtype) * per_block
@@ -383,7 +385,7 @@ class FullBatchGradient:
             model_state = batchnorm.combine(
                 model_state, statistics, batchnorm.decay(passes, momentum)
             )
-        else:  # "mean"
+        elif self.batchnorm_statistics == "mean":
             mean_share = jax.tree.map(
                 lambda leaf: momentum * leaf / count.astype(leaf.dtype), statistics
             )

@@ -29,7 +29,14 @@ import optax
 
 from gdreg import checkpoint, distributed, rundir, summaries
 from gdreg.config import as_flag, describe_changes, resume_changes
-from gdreg.experiment import Run, TrainState, build, epoch_layouts, initial_state
+from gdreg.experiment import (
+    Run,
+    TrainState,
+    build,
+    epoch_layouts,
+    initial_state,
+    recompute_statistics,
+)
 from gdreg.preemption import StopRequest
 from gdreg.progress import ProgressBar
 from gdreg.rundir import RunDirError
@@ -328,9 +335,12 @@ def _train(
         None,
     )
 
-    def evaluate(state: TrainState) -> dict[str, float]:
+    def evaluate(state: TrainState) -> tuple[TrainState, dict[str, float]]:
+        if run.statistics_engine is not None:  # train.batchnorm_statistics="recompute"
+            statistics = replicate(recompute_statistics(run, state), run.mesh)
+            state = state._replace(model_state=statistics)  # kept in the checkpoint
         result = run.evaluator(state.params, state.model_state, run.test_data, run.dataset.num_test)
-        return {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+        return state, {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
 
     def save(state: TrainState) -> None:
         checkpoint.save(manager, int(fetch_replicated(state.epoch)), state)
@@ -340,7 +350,8 @@ def _train(
         state, record = run_epoch(run, state, apply_update)
         done = epoch + 1
         if _due(done, config.eval.every_epochs, epochs):
-            record.update(evaluate(state))
+            state, test_metrics = evaluate(state)
+            record.update(test_metrics)
         metrics_writer.write(record)
         tensorboard.write(record)
         test_accuracy = record.get("test_accuracy", test_accuracy)
@@ -351,5 +362,5 @@ def _train(
             save(state)
             raise Preempted(f"stopped after epoch {done}; rerun to resume")
     if not record:  # nothing left to train: report the checkpoint's test metrics
-        record = {"epoch": start_epoch, **evaluate(state)}
+        record = {"epoch": start_epoch, **evaluate(state)[1]}
     return record

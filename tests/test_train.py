@@ -178,7 +178,7 @@ def restore_state(workdir, epoch):
     return jax.tree.map(np.asarray, restored)
 
 
-@pytest.mark.parametrize("rule", ["reference", "mean"])
+@pytest.mark.parametrize("rule", ["reference", "mean", "recompute"])
 def test_resume_is_bitwise_equal_with_each_batchnorm_rule(tmp_path, monkeypatch, rule):
     """A BatchNorm model (ResNet-18 at width 2) killed after epoch 3 and resumed from the
     checkpoint of epoch 2 ends with the same parameters and running statistics, bit for bit."""

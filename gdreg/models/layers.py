@@ -25,6 +25,10 @@ from gdreg.types import Dtype
 
 PARAM_DTYPE = jnp.float32
 
+#: The collection in which eval-mode BatchNorm layers report the moments of their inputs (when
+#: the caller makes it mutable; see :class:`BatchNorm`).
+MOMENTS = "batch_moments"
+
 # torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out).
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.init.kaiming_normal_(w) with its defaults (fan_in, leaky_relu a=0): N(0, 2 / fan_in).
@@ -82,7 +86,11 @@ class BatchNorm(nn.Module):
     and, when ``batch_stats`` is mutable, stores the batch mean and the *unbiased* variance
     ``var * n / (n - 1)`` (``n`` values per channel): the quantities PyTorch's
     ``BatchNorm2d`` feeds into its running averages (torch.nn.functional.batch_norm).
-    Eval mode normalizes with the stored statistics. Keeping the momentum out of the layer
+    Eval mode normalizes with the stored statistics; when the :data:`MOMENTS` collection is
+    mutable it also reports the moments of its input about the stored mean ``c``:
+    ``mean(x - c)``, ``mean((x - c)^2)`` and the count per channel (what
+    :func:`gdreg.experiment.recompute_statistics` sums over a data set; centring on ``c`` keeps
+    the variance accurate). Keeping the momentum out of the layer
     lets the caller combine the statistics of many forward passes in any order-exact way
     (:mod:`gdreg.batchnorm`); the variables keep Flax's names and shapes (``scale``, ``bias``;
     ``mean``, ``var``).
@@ -105,6 +113,18 @@ class BatchNorm(nn.Module):
         )
         nn.share_scope(self, inner)
         y = inner(x)
+        if (
+            self.use_running_average
+            and not self.is_initializing()
+            and self.is_mutable_collection(MOMENTS)
+        ):
+            dtype = jnp.promote_types(x.dtype, jnp.float32)
+            shift = jnp.asarray(self.get_variable("batch_stats", "mean"), dtype)
+            centered = jnp.asarray(x, dtype) - shift
+            axes = tuple(range(x.ndim - 1))
+            self.put_variable(MOMENTS, "mean", jnp.mean(centered, axes))
+            self.put_variable(MOMENTS, "square", jnp.mean(jnp.square(centered), axes))
+            self.put_variable(MOMENTS, "count", jnp.asarray(x.size // x.shape[-1], dtype))
         if (
             not self.use_running_average
             and not self.is_initializing()
