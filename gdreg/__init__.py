@@ -42,12 +42,11 @@ __all__ = [
     "penalized_gradient",
     "value_and_penalized_grad",
 ]
-assert sorted(__all__) == sorted(_HOMES)
 
 
 def __getattr__(name: str):
     if name in _HOMES:
         return getattr(importlib.import_module(_HOMES[name]), name)
-    if name == "penalty":  # ``import gdreg; gdreg.penalty`` as before the import was lazy
-        return importlib.import_module("gdreg.penalty")
+    if name in ("penalty", "flax_helpers"):  # ``import gdreg; gdreg.penalty`` works too
+        return importlib.import_module(f"gdreg.{name}")
     raise AttributeError(f"module 'gdreg' has no attribute {name!r}")

@@ -45,6 +45,9 @@ class PenaltyTrainState(train_state.TrainState):
     state are replaced as before, and all others are passed to the optimizer's ``update``::
 
         state = state.apply_gradients(grads=grads, penalty_grad_fn=jax.grad(batch_loss))
+
+    A misspelt field name therefore reaches ``tx.update`` instead of failing, where optax
+    chains ignore keywords that no transformation takes.
     """
 
     def apply_gradients(self, *, grads: Any, **kwargs: Any) -> PenaltyTrainState:

@@ -90,19 +90,17 @@ def _check_method(method: str) -> None:
 
 
 def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    """Rejects a bad Python number or a non-number; arrays and schedules pass (maybe traced)."""
-    if value is None or callable(value) or hasattr(value, "dtype"):
+    """Rejects a bad number or a non-number; traced values and schedules pass unchecked."""
+    if value is None or callable(value) or isinstance(value, jax.core.Tracer):
         return
+    if hasattr(value, "dtype") and jnp.size(value) == 1:
+        value = float(value)  # a concrete array: checked like a Python number
     if not _is_python_number(value):
         raise TypeError(f"{name} must be a number, an array or a schedule, got {name}={value!r}")
     ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
     if not ok:
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {bound}, got {name}={value!r}")
-
-
-def _check_eps(eps: Any) -> None:
-    _check_number("eps", eps, positive=True)
 
 
 # ----- pytree helpers -------------------------------------------------------------------------
@@ -166,24 +164,34 @@ def _match_structure(tree: PyTree, like: PyTree, what: str) -> PyTree:
     return jax.tree.unflatten(like_def, leaves)
 
 
+def _varying_axes(value: Any) -> frozenset[str] | None:
+    """The mesh axes ``value`` varies over under shard_map's checks (None: not tracked)."""
+    aval = jax.typeof(value)
+    varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return getattr(aval, "vma", None) if varying is None else varying
+
+
 def _varying(tree: PyTree, axis_name: str) -> PyTree:
     """Marks replicated parameters as varying over ``axis_name`` inside ``shard_map``.
 
     With shard_map's varying-axes checks on (the default), autodiff sums the gradient of a
     device-local loss with respect to replicated parameters over the devices; differentiating at
-    varying parameters keeps it local, so that the explicit mean below is the only reduction.
-    Under ``pmap``, ``vmap`` or ``check_vma=False`` there is nothing to mark.
+    varying parameters keeps it local, so that the explicit mean is the only reduction. Outside
+    shard_map (``vmap``), or with the checks off, there is nothing to mark.
     """
+    mark_varying = getattr(jax.lax, "pcast", None)
 
     def mark(leaf):
-        aval = jax.typeof(leaf)
-        axis_type = getattr(aval, "manual_axis_type", None)
-        varying = getattr(axis_type, "varying", None)
-        if varying is None:
-            varying = getattr(aval, "vma", None)
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        manual_axes = getattr(mesh, "manual_axes", None)
+        if manual_axes is not None and axis_name not in manual_axes:
+            return leaf
+        varying = _varying_axes(leaf)
         if varying is None or axis_name in varying:
             return leaf
-        return jax.lax.pcast(leaf, axis_name, to="varying")
+        if mark_varying is None:  # jax before pcast
+            return jax.lax.pvary(leaf, axis_name)
+        return mark_varying(leaf, axis_name, to="varying")
 
     return jax.tree.map(mark, tree)
 
@@ -234,7 +242,8 @@ def hessian_vector_product(
       vector: pytree with the structure and shapes of ``params``.
       method: ``"forward"``, ``"central"`` or ``"jvp"``.
       eps: L2 length of the finite-difference step, > 0.
-      grads: ``grad_fn(params)`` if already known, which saves one evaluation for ``"forward"``.
+      grads: ``grad_fn(params)`` if already known, which saves one evaluation for ``"forward"``
+        (unless parameters are upcast from a lower precision: the base is then recomputed).
       has_aux: whether ``grad_fn`` returns ``(gradient, aux)``.
 
     Returns:
@@ -249,7 +258,7 @@ def hessian_vector_product(
         ``grads`` not shaped like ``params``.
     """
     _check_method(method)
-    _check_eps(eps)
+    _check_number("eps", eps, positive=True)
     param_leaves, treedef = jax.tree.flatten(params)
     vector_leaves = jax.tree.leaves(_match_structure(vector, params, "the vector"))
     floating = [i for i, leaf in enumerate(param_leaves) if _is_float(leaf)]
@@ -281,7 +290,13 @@ def hessian_vector_product(
             return [x + (scale * eps_n * u).astype(x.dtype) for x, u in zip(x0, v, strict=True)]
 
         if method == "forward":
-            base = evaluate(x0)[0] if grads is None else floating_part(grads, "grads")
+            # A base gradient taken at bfloat16/float16 parameters differs from the one at their
+            # float32 copies by far more than the difference resolves: recompute it there.
+            upcast = any(
+                jnp.result_type(param_leaves[i]) != d for i, d in zip(floating, dtypes, strict=True)
+            )
+            given = grads is not None and not upcast
+            base = floating_part(grads, "grads") if given else evaluate(x0)[0]
             ahead, aux = evaluate(shifted(1.0))
             diff = [a - b for a, b in zip(ahead, base, strict=True)]
         else:  # central
@@ -309,6 +324,7 @@ def penalized_gradient(
     eps: float | jax.Array = 1e-2,
     full_grads: PyTree | None = None,
     full_strength: float | jax.Array | None = None,
+    forward_base: PyTree | None = None,
     has_aux: bool = False,
 ) -> PyTree | tuple[PyTree, Any]:
     """The gradient of ``L + strength * lr / 8 * ||grad L||^2`` from ``g = grad L(params)``.
@@ -339,6 +355,8 @@ def penalized_gradient(
       full_grads: a second vector for ``v`` (the full-batch gradient in the reference's
         "acc_strength" variant); needed unless ``full_strength`` is None or 0.
       full_strength: its weight (None: no second vector).
+      forward_base: ``grad_fn(params)`` evaluated separately, as the base point of forward
+        differences in place of ``grads`` (which then only sets the direction and the sum).
       has_aux: whether ``grad_fn`` returns ``(gradient, aux)``.
 
     Returns:
@@ -350,7 +368,11 @@ def penalized_gradient(
     _check_number("learning_rate", learning_rate, positive=True)
     uses_full = _uses_full_gradient(full_strength)
     if uses_full and full_grads is None:
-        raise ValueError(f"full_grads is required when full_strength={full_strength!r} is not 0")
+        raise ValueError(
+            f"full_grads is required when full_strength={full_strength!r} is not 0 (a traced "
+            "full_strength, e.g. under optax.inject_hyperparams, counts as not 0: leave "
+            "full_strength out, or pass full_grads)"
+        )
 
     def weighted(g):
         return strength * jnp.asarray(g).astype(_compute_dtype(g)) if _is_float(g) else g
@@ -364,7 +386,7 @@ def penalized_gradient(
             full,
         )
     params_like = _match_structure(params, grads, "params")
-    base = grads if method == "forward" else None
+    base = (grads if forward_base is None else forward_base) if method == "forward" else None
     out = hessian_vector_product(
         grad_fn, params_like, vector, method=method, eps=eps, grads=base, has_aux=has_aux
     )
@@ -386,6 +408,40 @@ def _at_step(value: optax.ScalarOrSchedule, step: Any, name: str) -> Any:
     if step is None:
         raise ValueError(f"{name} is a schedule: pass step=<the optimizer step> to the call")
     return value(step)
+
+
+def _check_consumed_keywords(loss_fn: Callable[..., Any]) -> None:
+    try:
+        parameters = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # no signature to inspect
+        return
+    clash = [
+        name
+        for name in ("step", "learning_rate")
+        if name in parameters and parameters[name].kind != inspect.Parameter.POSITIONAL_ONLY
+    ]
+    if clash:
+        raise ValueError(
+            f"loss_fn takes {' and '.join(clash)}, which the penalized function consumes as its "
+            "own keyword arguments; wrap loss_fn so that it takes them under other names"
+        )
+
+
+def _check_device_local(params: PyTree, value: jax.Array, axis_name: str) -> None:
+    """Rejects a loss already averaged over ``axis_name`` (shard_map's checks make it visible).
+
+    Differentiating the mean over devices at device-varying parameters gives each device
+    1/N of its gradient; the mean taken afterwards would then be N times too small.
+    """
+    floating = [leaf for leaf in jax.tree.leaves(params) if _is_float(leaf)]
+    if not floating or axis_name not in (_varying_axes(floating[0]) or ()):
+        return  # varying axes not tracked (pmap, check_vma=False): a reduced loss is harmless
+    if axis_name not in (_varying_axes(value) or ()):
+        raise ValueError(
+            f"loss_fn returned a value already reduced over axis_name={axis_name!r}: give it "
+            "this device's loss (no pmean/psum inside); the penalized function averages the "
+            "gradient over the devices itself"
+        )
 
 
 def value_and_penalized_grad(
@@ -433,7 +489,8 @@ def value_and_penalized_grad(
       has_aux: as in ``jax.value_and_grad``; ``aux`` comes from the unperturbed evaluation.
       axis_name: inside ``shard_map`` or ``pmap`` over a batch split across devices, the mapped
         axis: the gradient is averaged over it before the perturbation (and the value too),
-        which gives exactly the single-device result on the global batch. ``aux`` stays local.
+        which gives exactly the single-device result on the global batch. ``loss_fn`` must
+        return the device's own loss, not a mean over devices. ``aux`` stays local.
 
     Returns:
       A function returning ``(value, grads)`` (``((value, aux), grads)`` with ``has_aux``);
@@ -441,14 +498,17 @@ def value_and_penalized_grad(
 
     Raises:
       ValueError: at construction for an unknown method, a negative strength, a learning rate
-        <= 0 or ``eps <= 0`` (Python numbers); at call time for a missing ``step`` or
-        ``learning_rate``, or a learning rate given twice.
+        <= 0, ``eps <= 0``, or a ``loss_fn`` with its own ``step`` or ``learning_rate``
+        keyword; at call time for a missing ``step`` or ``learning_rate``, a learning rate
+        given twice, or a loss already averaged over ``axis_name``.
+      TypeError: for a hyperparameter that is not a number, an array or a schedule.
     """
     _check_method(method)
-    _check_eps(eps)
+    _check_number("eps", eps, positive=True)
     _check_number("strength", strength, positive=False)
     _check_number("learning_rate", learning_rate, positive=True)
     built_rate = learning_rate  # the call's own ``learning_rate`` keyword shadows the name
+    _check_consumed_keywords(loss_fn)
 
     def gradient_and_aux(params, args, kwargs):
         if axis_name is not None:
@@ -457,6 +517,8 @@ def value_and_penalized_grad(
         out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux, allow_int=True)(
             params, *args, **kwargs
         )
+        if axis_name is not None:
+            _check_device_local(params, out[0] if has_aux else out, axis_name)
         return _mean_over(grads, axis_name), out
 
     def penalized(params, *args, step=None, learning_rate=None, **kwargs):
@@ -482,13 +544,9 @@ def value_and_penalized_grad(
             method=method,
             eps=eps,
         )
-        if axis_name is not None:
-            out = (
-                (jax.lax.pmean(out[0], axis_name), out[1])
-                if has_aux
-                else _mean_over(out, axis_name)
-            )
-        return out, new_grads
+        if has_aux:
+            return (_mean_over(out[0], axis_name), out[1]), new_grads
+        return _mean_over(out, axis_name), new_grads
 
     return penalized
 
@@ -531,6 +589,7 @@ def gradient_norm_penalty(
     full_strength: float | None = None,
     axis_name: str | None = None,
     check: bool = False,
+    read_sam_grad_fn: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Adds the gradient of an explicit gradient-norm penalty to the gradient of one batch.
 
@@ -550,13 +609,13 @@ def gradient_norm_penalty(
     error. ``check=True`` detects that (one extra gradient evaluation per step); the safe
     alternative is :func:`value_and_penalized_grad`, which needs no ``penalty_grad_fn``.
 
-    Works with ``optax.inject_hyperparams`` (only Python numbers are validated, so traced
-    values pass), with schedules for ``learning_rate`` and ``strength``, and in one chain with
-    ``optax.contrib.sam``: sam rejects any keyword but its own ``grad_fn(params, i)``, so in
-    such a chain this transformation reads that one, as ``grad_fn(params, 0)`` (the batch of the
-    incoming gradient, as in sam's usual ``lambda p, _: grad(loss)(p, batch)``). It cannot run inside
-    ``optax.masked``, which hides the unmasked parameters that ``penalty_grad_fn`` needs, and
-    says so. Its state is a step counter only, so it can be used inside ``jax.vmap`` over
+    Works with ``optax.inject_hyperparams`` (traced hyperparameters are not validated), with
+    schedules for ``learning_rate`` and ``strength``, and in one chain with
+    ``optax.contrib.sam``, which rejects any keyword but its own ``grad_fn(params, i)``: with
+    ``read_sam_grad_fn=True`` this transformation reads that one, as ``grad_fn(params, 0)``
+    (the batch of the incoming gradient, as in sam's usual ``lambda p, _: grad(loss)(p,
+    batch)``). It cannot run inside ``optax.masked``, which hides the unmasked parameters that
+    ``penalty_grad_fn`` needs, and says so. Its state is a step counter only, so it can be used inside ``jax.vmap`` over
     blocks with the state and the parameters unbatched.
 
     Args:
@@ -573,25 +632,29 @@ def gradient_norm_penalty(
         gradients at perturbed parameters are averaged over it, as the incoming gradient must be.
       check: recompute ``penalty_grad_fn(params)`` and raise if it differs from the incoming
         gradient by more than ``CHECK_TOLERANCE`` (relative); under ``jit`` the error arrives
-        as a runtime error from a ``jax.debug.callback``.
+        as a runtime error from a ``jax.debug.callback``. The recomputed gradient is then the
+        base point of forward differences.
+      read_sam_grad_fn: without ``penalty_grad_fn``, read ``optax.contrib.sam``'s
+        ``grad_fn(params, i)`` as ``grad_fn(params, 0)``; otherwise a ``grad_fn`` is an error.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
       penalty_grad_fn=None, grad_fn=None, full_grads=None, **extra_args)`` needs ``params`` and
-      ``penalty_grad_fn`` (parameters -> gradient of the same loss on the same batch; or, in a
-      chain with sam, sam's ``grad_fn``) and, when
-      ``full_strength`` is not None or 0, ``full_grads``; other keyword arguments are ignored.
-      With a Python-number ``strength == 0`` and no ``full_strength`` it returns the gradients unchanged without
+      ``penalty_grad_fn`` (parameters -> gradient of the same loss on the same batch; or, with
+      ``read_sam_grad_fn``, sam's ``grad_fn``) and, when ``full_strength`` is not None or 0,
+      ``full_grads``; other keyword arguments are ignored. With a Python-number
+      ``strength == 0`` and no ``full_strength`` it returns the gradients unchanged without
       calling ``penalty_grad_fn``.
 
     Raises:
       ValueError: at construction for an unknown ``method``, a negative ``strength`` or
         ``full_strength``, ``learning_rate <= 0`` or ``eps <= 0``; at update time when
-        ``penalty_grad_fn``, ``params`` or a needed ``full_grads`` is missing, or inside
-        ``optax.masked``.
+        ``penalty_grad_fn``, ``params`` or a needed ``full_grads`` is missing, for a ``grad_fn``
+        without ``read_sam_grad_fn``, or inside ``optax.masked``.
+      TypeError: for a hyperparameter that is not a number, an array or a schedule.
     """
     _check_method(method)
-    _check_eps(eps)
+    _check_number("eps", eps, positive=True)
     _check_number("strength", strength, positive=False)
     _check_number("full_strength", full_strength, positive=False)
     _check_number("learning_rate", learning_rate, positive=True)
@@ -623,6 +686,12 @@ def gradient_norm_penalty(
                 "gdreg.value_and_penalized_grad and mask what follows."
             )
         if penalty_grad_fn is None and grad_fn is not None:
+            if not read_sam_grad_fn:
+                raise ValueError(
+                    "grad_fn is optax.contrib.sam's argument and is not read: pass "
+                    "penalty_grad_fn=<params -> gradient of the same loss on the same batch>, "
+                    "or, in one chain with sam, build with read_sam_grad_fn=True"
+                )
             penalty_grad_fn = _from_sam_convention(grad_fn, params)
         if penalty_grad_fn is None:
             raise ValueError(
@@ -637,6 +706,7 @@ def gradient_norm_penalty(
                 p = _varying(p, axis_name)
             return _mean_over(penalty_grad_fn(p), axis_name)
 
+        recomputed = None
         if check:
             recomputed = _match_structure(grad_at(params), updates, "penalty_grad_fn(params)")
             floats = [
@@ -656,12 +726,15 @@ def gradient_norm_penalty(
             grad_at,
             params,
             updates,
-            strength=strength(state.count) if callable(strength) else strength,
-            learning_rate=learning_rate(state.count) if callable(learning_rate) else learning_rate,
+            strength=_at_step(strength, state.count, "strength"),
+            learning_rate=_at_step(learning_rate, state.count, "learning_rate"),
             method=method,
             eps=eps,
             full_grads=full_grads,
             full_strength=full_strength,
+            # With the check, the base of forward differences is the recomputed gradient, so a
+            # mismatch below the tolerance is not amplified by the division by eps_n.
+            forward_base=recomputed,
         )
         return new_updates, new_state
 

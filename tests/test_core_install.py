@@ -123,3 +123,12 @@ cli.train()
         "error: gdreg-train needs the training dependencies, missing here: ml_collections; "
         'install them with: pip install "gdreg[train]"'
     ]
+
+
+def test_public_names_are_exported():
+    import gdreg
+
+    assert sorted(gdreg.__all__) == sorted(gdreg._HOMES)
+    for name in gdreg.__all__:
+        assert getattr(gdreg, name).__module__ == gdreg._HOMES[name]
+    assert gdreg.flax_helpers.PenaltyTrainState is gdreg.PenaltyTrainState

@@ -139,6 +139,8 @@ def test_schedules_aux_and_learning_rate_at_call_time(x64):
             gdreg.value_and_penalized_grad(loss_fn, **bad)
     with pytest.raises(TypeError, match="learning_rate"):
         gdreg.value_and_penalized_grad(loss_fn)  # no silent default
+    with pytest.raises(ValueError, match="loss_fn takes step"):
+        gdreg.value_and_penalized_grad(lambda p, x, step: p, learning_rate=LR)
 
 
 def test_integer_leaves_pass_through():
@@ -205,6 +207,9 @@ def _data_parallel_results(method):
             check_vma=check_vma,
         )
         results[name] = jax.jit(sharded)(params, x_sharded, y_sharded)
+    per_device = (x.reshape(4, -1, x.shape[-1]), y.reshape(4, -1, y.shape[-1]))
+    pmapped = jax.pmap(f, axis_name="batch", in_axes=(None, 0, 0), devices=jax.devices()[:4])
+    results["pmap"] = jax.tree.map(lambda leaf: leaf[0], pmapped(params, *per_device))
     single = gdreg.value_and_penalized_grad(
         loss_fn, strength=STRENGTH, learning_rate=LR, method=method
     )
@@ -219,10 +224,26 @@ def test_data_parallel_equals_single_device(method):
     # jvp: float32 summation order only. forward: the finite difference divides that rounding
     # by eps_n (about 1e-2 / ||g||), hence the looser bound.
     rtol = 1e-5 if method == "jvp" else 2e-3
-    for name in ("checked", "unchecked"):
+    for name in ("checked", "unchecked", "pmap"):
         np.testing.assert_allclose(results[name][0], value, rtol=1e-6)
         _assert_tree_close(results[name][1], grads, rtol=rtol, atol=1e-7)
     _assert_tree_close(results["transform"], grads, rtol=rtol, atol=1e-7)
+
+
+def test_a_loss_averaged_over_devices_is_refused():
+    loss_fn, params, x, y = _mlp_problem(np.float32)
+    mesh = jax.make_mesh((4,), ("batch",), devices=jax.devices()[:4])
+    x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
+
+    def averaged_loss(p, xb, yb):  # would make the gradient 4 times too small
+        return jax.lax.pmean(loss_fn(p, xb, yb), "batch")
+
+    f = gdreg.value_and_penalized_grad(averaged_loss, learning_rate=LR, axis_name="batch")
+    sharded = jax.shard_map(
+        f, mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=(P(), P())
+    )
+    with pytest.raises(ValueError, match="already reduced over axis_name='batch'"):
+        jax.jit(sharded)(params, x_sharded, y_sharded)
 
 
 def test_data_parallel_snippet_runs_on_the_test_devices(capsys):
@@ -290,7 +311,9 @@ def test_strength_schedule_and_sam_in_one_chain():
     sam = optax.contrib.sam(
         optax.sgd(LR), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True
     )
-    penalty = gdreg.gradient_norm_penalty(learning_rate=LR, method="jvp", check=True)
+    penalty = gdreg.gradient_norm_penalty(
+        learning_rate=LR, method="jvp", check=True, read_sam_grad_fn=True
+    )
     chain = optax.chain(penalty, sam)
 
     def sam_grad_fn(p, _):
@@ -304,6 +327,11 @@ def test_strength_schedule_and_sam_in_one_chain():
     _assert_tree_close(out, expected, rtol=1e-6)
     with pytest.raises(ValueError, match="penalty_grad_fn=<params -> gradient>"):
         penalty.update(grad_fn(params), penalty.init(params), params, grad_fn=grad_fn)
+    # Without the opt-in a grad_fn is refused: the old one-argument convention, or a
+    # grad_fn(params, x=batch) that would silently get x=0, never reach the penalty.
+    plain = gdreg.gradient_norm_penalty(learning_rate=LR)
+    with pytest.raises(ValueError, match="read_sam_grad_fn"):
+        plain.update(grad_fn(params), plain.init(params), params, grad_fn=sam_grad_fn)
 
 
 def test_masked_raises_a_clear_error_and_the_drop_in_masks_what_follows():
@@ -465,11 +493,18 @@ def _nnx_loss(model, x, y):
 
 
 @FLAX_DROPOUT_X64
-def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64):
+@pytest.mark.parametrize(
+    ("method", "eps", "rtol", "atol"),
+    # jvp: one pass, exact. forward: a second pass at perturbed weights, which must see the
+    # same dropout masks and batch statistics (else the error is of order 1); O(eps) error.
+    # atol: the zero gradient of the bias before BatchNorm, divided by eps_n in forward mode.
+    [("jvp", 1e-2, 1e-10, 1e-14), ("forward", 1e-7, 1e-5, 1e-9)],
+)
+def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64, method, eps, rtol, atol):
     x, y = _regression()
     model = _NnxNet(nnx.Rngs(0, dropout=1))
     before = nnx.clone(model)
-    f = gdreg.nnx_value_and_penalized_grad(_nnx_loss, learning_rate=LR, method="jvp")
+    f = gdreg.nnx_value_and_penalized_grad(_nnx_loss, learning_rate=LR, method=method, eps=eps)
     value, grads = nnx.jit(f)(model, x, y)
 
     # Reference: the loss at fixed dropout masks and batch statistics (a pure function of the
@@ -480,8 +515,8 @@ def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64):
         return _nnx_loss(nnx.merge(graphdef, p, rest, copy=True), x, y)
 
     _assert_tree_close(
-        grads, _reference(loss_of_params, nnx.to_pure_dict(params)), rtol=1e-10, atol=1e-15
-    )  # atol: the bias before BatchNorm has a zero gradient
+        grads, _reference(loss_of_params, nnx.to_pure_dict(params)), rtol=rtol, atol=atol
+    )
 
     # The model's state moved as after one plain call: same running statistics, same RNG count.
     plain = nnx.clone(before)
@@ -517,9 +552,15 @@ def test_nnx_grad_fn_with_fresh_dropout_masks_is_caught_by_check(x64):
         tx.update(grads, tx.init(params), params, penalty_grad_fn=careless_grad_fn)
 
 
+@functools.cache
+def _snippet(name):
+    """The README snippet's module namespace after it ran (trained, float32)."""
+    return runpy.run_path(str(DOCS / f"{name}.py"), run_name="__main__")
+
+
 @pytest.mark.parametrize("name", ["penalty_jax", "penalty_linen", "penalty_nnx"])
 def test_readme_snippets_train(name, capsys):
-    namespace = runpy.run_path(str(DOCS / f"{name}.py"), run_name="__main__")
+    namespace = _snippet(name)
     losses = namespace["losses"]
     assert losses[-1] < 0.5 * losses[0]
     if "final_accuracy" in namespace:
@@ -547,3 +588,87 @@ def test_check_catches_a_missing_cross_device_mean(mistake):
     )
     with pytest.raises(Exception, match="differs from the incoming gradient"):
         jax.block_until_ready(jax.jit(sharded)(params, x_sharded, y_sharded))
+
+
+@pytest.mark.parametrize("method", ["forward", "central"])
+def test_bfloat16_parameters_give_the_float32_penalty(method):
+    loss_fn, params, x, y = _mlp_problem(np.float32)
+
+    def bf16_loss(p, xb, yb):  # the parameters are bfloat16, the loss is computed in float32
+        return loss_fn(jax.tree.map(lambda leaf: leaf.astype(jnp.float32), p), xb, yb)
+
+    bf16_params = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.bfloat16), params)
+    f = gdreg.value_and_penalized_grad(bf16_loss, learning_rate=LR, method=method)
+    _, grads = jax.jit(f)(bf16_params, x, y)
+    exact = gdreg.value_and_penalized_grad(loss_fn, learning_rate=LR, method="jvp")
+    f32_params = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), bf16_params)
+    _, expected = jax.jit(exact)(f32_params, x, y)
+    g = jax.grad(loss_fn)(f32_params, x, y)
+    added = ravel_pytree(jax.tree.map(lambda a, b: a.astype(jnp.float32) - b, grads, g))[0]
+    wanted = ravel_pytree(jax.tree.map(jnp.subtract, expected, g))[0]
+    # Up to the bfloat16 rounding of the returned gradient itself (2^-8 of each entry of g').
+    assert float(jnp.linalg.norm(added - wanted) / jnp.linalg.norm(wanted)) < 0.05
+
+
+def test_check_uses_the_recomputed_gradient_as_the_forward_base():
+    loss_fn, params, [(x, y), _] = _linear_problem()
+    grad_fn = jax.grad(lambda p: loss_fn(p, x, y))
+    # A weight decay small enough to pass the check: the penalty must stay right anyway.
+    chain = optax.chain(
+        optax.add_decayed_weights(3e-6),
+        gdreg.gradient_norm_penalty(learning_rate=LR, eps=1e-3, check=True),
+    )
+    out, _ = chain.update(grad_fn(params), chain.init(params), params, penalty_grad_fn=grad_fn)
+    decayed = jax.tree.map(lambda g, p: g + 3e-6 * p, grad_fn(params), params)
+    exact = gdreg.gradient_norm_penalty(learning_rate=LR, method="jvp")
+    expected, _ = exact.update(decayed, exact.init(params), params, penalty_grad_fn=grad_fn)
+    added = ravel_pytree(jax.tree.map(jnp.subtract, out, decayed))[0]
+    wanted = ravel_pytree(jax.tree.map(jnp.subtract, expected, decayed))[0]
+    assert float(jnp.linalg.norm(added - wanted) / jnp.linalg.norm(wanted)) < 0.02
+
+
+def _float64(tree):
+    return jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), tree)
+
+
+@FLAX_DROPOUT_X64
+def test_readme_snippet_losses_with_the_penalty_equal_the_explicit_hessian(x64):
+    """Each snippet's own loss_fn and trained model, in float64, method "jvp" (exact, so that
+    the ReLU snippets compare too: jax.hessian uses the same derivative rules on ReLU pieces)."""
+    batch = slice(0, 64)
+    plain = _snippet("penalty_jax")
+    params = _float64(plain["params"])
+    x, y = _float64((plain["x_train"][batch], plain["y_train"][batch]))
+    f = gdreg.value_and_penalized_grad(plain["loss_fn"], learning_rate=LR, method="jvp")
+    expected = _reference(lambda p: plain["loss_fn"](p, x, y), params)
+    _assert_tree_close(f(params, x, y)[1], expected, rtol=1e-10, atol=1e-14)
+
+    linen = _snippet("penalty_linen")
+    state = linen["state"]
+    params, stats = _float64(state.params), _float64(state.batch_stats)
+    x, y = _float64(linen["images"][batch]), np.asarray(linen["labels"][batch])
+    loss_fn = linen["loss_fn"]
+    f = gdreg.value_and_penalized_grad(loss_fn, learning_rate=LR, method="jvp", has_aux=True)
+    (_, new_stats), grads = f(params, stats, x, y)
+    expected = _reference(lambda p: loss_fn(p, stats, x, y)[0], params)
+    _assert_tree_close(grads, expected, rtol=1e-10, atol=1e-14)
+    _assert_tree_close(new_stats, loss_fn(params, stats, x, y)[1], rtol=1e-14)
+
+    nnx_snippet = _snippet("penalty_nnx")
+    graphdef, params, rest = nnx.split(nnx_snippet["model"], nnx.Param, ...)
+    params = _float64(nnx.to_pure_dict(params))
+    x, y = _float64(nnx_snippet["images"][batch]), np.asarray(nnx_snippet["labels"][batch])
+    loss_fn = nnx_snippet["loss_fn"]
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    model.train()
+    train_graphdef, _, train_rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of_params(p):
+        return loss_fn(nnx.merge(train_graphdef, p, train_rest, copy=True), x, y)
+
+    # The reference first: the step below moves the model's state, which train_rest shares.
+    expected = _reference(loss_of_params, params)
+    _, grads = gdreg.nnx_value_and_penalized_grad(loss_fn, learning_rate=LR, method="jvp")(
+        model, x, y
+    )
+    _assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-10, atol=1e-14)
