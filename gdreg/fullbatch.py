@@ -134,7 +134,10 @@ class FullBatchGradient:
     pytree held replicated on every device (e.g. the uint8 training set), which ``batch_fn``
     turns into one block's inputs. ``penalty`` is an optax transformation applied to every
     block gradient as ``penalty.update(g_B, penalty_state, params, penalty_grad_fn=grad of L_B)``
-    (built without ``check``, whose extra evaluation would count as a forward pass).
+    (built without ``check``: under the "reference" BatchNorm rule every evaluation of
+    ``penalty_grad_fn`` outside forward-mode autodiff counts as a forward pass at perturbed
+    weights, so ``check``'s extra evaluation, or the forward-difference base that the penalty
+    recomputes for bfloat16/float16 parameters, would be counted too).
     ``batchnorm_statistics`` names the rule for the running statistics
     (:data:`gdreg.batchnorm.RULES`), ``batchnorm_momentum`` the weight of new statistics
     (PyTorch's convention, 0.1).
