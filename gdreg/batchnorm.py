@@ -20,7 +20,9 @@ statistics ``r`` that evaluation uses. The rules (``train.batchnorm_statistics``
     ``theta + eps_n v``; central differences: ``theta + eps_n v / 2``, then
     ``theta - eps_n v / 2``); the exact ``jvp`` penalty (the reference's double backprop) and a
     switched-off penalty make no extra pass. With ``penalty.full_strength > 0`` the first pass
-    over all blocks (the plain gradient) comes before them, as in the reference.
+    over all blocks (the plain gradient) comes before them, as in the reference. This is the
+    reference run in one process; in its distributed mode every rank keeps its own chain over
+    its share of the blocks and the buffers are averaged at evaluation.
 ``"mean"``
     One momentum step per full-batch step with the mean of the gradient passes' block
     statistics: ``r <- (1 - m) r + m mean_B s_B``. Independent of block order (gdreg's rule

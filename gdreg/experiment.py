@@ -17,7 +17,6 @@ reference implementation.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -291,11 +290,13 @@ def recompute_statistics(run: Run, state: TrainState) -> PyTree:
     statistics with momentum 1). Computed block by block, sharded like training: each pass
     runs the blocks in eval mode with the current estimate and sums every layer's input
     moments; a layer whose inputs depend on d earlier BatchNorm layers is exact after d + 1
-    passes, so the passes repeat until the estimate stops changing (at most one pass per
-    layer, plus one). The passes normalize with the biased variance, as a train-mode pass
+    passes, so there is one pass per layer, plus one. (No early stop: the moments are taken
+    about the current estimate's mean, so in float32 successive passes keep differing in the
+    last bits even once every layer is exact.) The passes normalize with the biased variance, as a train-mode pass
     does; the returned variance is the unbiased one (PyTorch's running-variance convention),
     so eval mode on the training set differs from that single pass only by the factor
-    n / (n - 1) in the variance, n the set's pixels per channel. The result depends only on ``params``, the data and ``epoch``: it starts
+    n / (n - 1) in the variance, n the set's pixels per channel. The result depends only on
+    ``params``, the data and ``epoch``: it starts
     from mean 0 and variance 1, never from earlier statistics, so a resumed run recomputes the
     same numbers.
     """
@@ -330,14 +331,8 @@ def recompute_statistics(run: Run, state: TrainState) -> PyTree:
             updated[(*layer, "mean")] = np.where(finite, mean, 0)
             updated[(*layer, "var")] = np.where(finite, var, 1)
             unbiased[(*layer, "var")] = updated[(*layer, "var")] * (count / (count - 1))
-        updated = {k: np.asarray(v, flat_estimate[k].dtype) for k, v in updated.items()}
-        converged = all(np.array_equal(updated[k], flat_estimate[k]) for k in updated)
-        estimate = unflatten_dict(updated)
-        if converged:
-            break
-    else:  # cannot happen for a feed-forward network; say so rather than hide it
-        logging.warning(
-            "recomputed BatchNorm statistics did not settle within %d passes", len(layers) + 1
+        estimate = unflatten_dict(
+            {k: np.asarray(v, flat_estimate[k].dtype) for k, v in updated.items()}
         )
     result = flatten_dict(estimate)
     result.update({k: np.asarray(v, result[k].dtype) for k, v in unbiased.items()})

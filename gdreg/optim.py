@@ -96,9 +96,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """Scales the update by ``max_norm / (||g|| + 1e-6)`` when ``||g|| > max_norm``.
 
     The reference implementation's full-gradient clipping (``_modify_gradient_params`` in
-    ``fullbatch/training/training.py``, the same rule as ``torch.nn.utils.clip_grad_norm_``),
-    with ``||g||`` the global L2 norm over all leaves; norms at or below ``max_norm`` pass
-    unchanged. optax's ``clip_by_global_norm`` divides by ``||g||`` itself, which differs by up
+    ``fullbatch/training/training.py``: scale only ``if grad_norm > grad_clip``; torch's
+    ``clip_grad_norm_`` also scales norms just below the maximum), with ``||g||`` the global L2
+    norm over all leaves; norms at or below ``max_norm`` pass unchanged. optax's ``clip_by_global_norm`` divides by ``||g||`` itself, which differs by up
     to 4e-6 relative per clipped step.
     """
     if max_norm <= 0:

@@ -98,8 +98,9 @@ def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The run's ``config.json`` on top of :func:`gdreg.config.base_config`'s defaults.
 
-    Fields the run did not write (an older run) keep their defaults; JSON lists become tuples
-    where the schema has tuples.
+    Fields the run did not write (an older run) keep their defaults, except
+    ``train.batchnorm_statistics``, which is ``"mean"`` (the rule such runs trained with); JSON
+    lists become tuples where the schema has tuples.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
@@ -112,6 +113,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     if not isinstance(values, dict):
         raise RunDirError(f"{path}: not a JSON object")
     config = base_config()
+    # Runs written before train.batchnorm_statistics existed used the order-free rule.
+    config.train.batchnorm_statistics = "mean"
     _merge(config, values)
     return config
 

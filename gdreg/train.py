@@ -86,7 +86,9 @@ def reference_metrics(
     ``loss + weight_decay / 2 * ||theta||^2 + lr * strength / 4 * mean_B ||g_B||^2``, although
     the gradient applied descends the penalty with ``lr * strength / 8`` (our
     ``penalized_loss``). Their ``train_loss``, ``train_acc`` and ``clipped_step`` are our
-    ``train_loss``, ``train_accuracy`` and ``clipped``.
+    ``train_loss``, ``train_accuracy`` and ``clipped``. With ``penalty.full_strength > 0`` their
+    ``full_loss`` has one more term, ``lr / 4 * acc_strength * ||mean gradient||^2``, which
+    is not reproduced here.
     """
     block_sq = record["block_grad_sq_norm"]
     return {

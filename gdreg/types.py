@@ -10,8 +10,10 @@ import jax
 #: A nested structure of arrays (parameters, gradients, optimizer state, ...).
 PyTree = Any
 
-#: ``loss_fn(params, model_state, inputs, labels) -> (mean loss, (new_model_state, aux))``,
-#: with ``aux["accuracy"]`` the fraction of correct predictions.
+#: ``loss_fn(params, model_state, inputs, labels) -> (mean loss, (batch_statistics, aux))``,
+#: with ``batch_statistics`` shaped like ``model_state``: this pass's BatchNorm statistics
+#: (mean and unbiased variance; :mod:`gdreg.batchnorm` makes running averages of them), and
+#: ``aux["accuracy"]`` the fraction of correct predictions.
 LossFn = Callable[[PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, tuple[PyTree, dict]]]
 
 #: ``batch_fn(data, indices, step) -> (inputs, labels)`` of the images ``indices`` of ``data``.

@@ -146,3 +146,22 @@ def test_paper_configs_build_the_papers_networks(model, parameters):
         lambda: run.model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
     )
     assert sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"])) == parameters
+
+
+def test_a_run_from_before_the_batchnorm_rules_resumes_only_with_its_own_rule(tmp_path):
+    """Its config.json has no train.batchnorm_statistics: it trained with the order-free rule,
+    so reading it gives "mean", and resuming it under today's default is a config change."""
+    import json
+
+    from gdreg import rundir
+
+    config = config_lib.base_config()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["train"]["batchnorm_statistics"]
+    (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(saved))
+    old = rundir.read_config(str(tmp_path))
+    assert old.train.batchnorm_statistics == "mean"
+    with pytest.raises(config_lib.ConfigError, match=r"train\.batchnorm_statistics"):
+        config_lib.resume_changes(old, config_lib.base_config(), allow=False)
+    old.train.batchnorm_statistics = "reference"  # the user's explicit choice to switch
+    assert config_lib.resume_changes(old, config_lib.base_config(), allow=False) == {}

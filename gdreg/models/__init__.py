@@ -4,6 +4,10 @@
 >>> model = create_model("resnet18", num_classes=10)  # doctest: +SKIP
 >>> variables = model.init(key, x, train=False)  # doctest: +SKIP
 >>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])  # doctest: +SKIP
+
+In train mode ``updates["batch_stats"]`` holds that pass's batch statistics (mean and unbiased
+variance), not running averages: :mod:`gdreg.batchnorm` turns the passes of a step into the
+running statistics that eval mode uses.
 """
 
 from gdreg.models.registry import (
