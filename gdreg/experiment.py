@@ -153,6 +153,13 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> O
     return Optimizer(schedule, tx, penalty)
 
 
+def _loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and accuracy of a block's logits (at least float32)."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
 def make_loss_fn(model: nn.Module) -> LossFn:
     """Mean cross-entropy of one block in training mode (BatchNorm on the block's statistics)."""
 
@@ -164,9 +171,7 @@ def make_loss_fn(model: nn.Module) -> LossFn:
             )
         else:
             logits, new_state = model.apply(variables, inputs, train=True), {}
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        loss, accuracy = _loss_and_accuracy(logits, labels)
         return loss, (new_state, {"accuracy": accuracy})
 
     return loss_fn
@@ -267,9 +272,7 @@ def make_statistics_engine(engine: FullBatchGradient, model: nn.Module) -> FullB
         logits, moments = model.apply(
             {"params": params, **estimate}, inputs, train=False, mutable=[MOMENTS]
         )
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        loss, accuracy = _loss_and_accuracy(logits, labels)
         # With momentum 1 the engine's "mean" rule returns the mean of these over the blocks.
         return loss, ({"estimate": estimate, "moments": moments}, {"accuracy": accuracy})
 
@@ -292,13 +295,12 @@ def recompute_statistics(run: Run, state: TrainState) -> PyTree:
     moments; a layer whose inputs depend on d earlier BatchNorm layers is exact after d + 1
     passes, so there is one pass per layer, plus one. (No early stop: the moments are taken
     about the current estimate's mean, so in float32 successive passes keep differing in the
-    last bits even once every layer is exact.) The passes normalize with the biased variance, as a train-mode pass
-    does; the returned variance is the unbiased one (PyTorch's running-variance convention),
-    so eval mode on the training set differs from that single pass only by the factor
-    n / (n - 1) in the variance, n the set's pixels per channel. The result depends only on
-    ``params``, the data and ``epoch``: it starts
-    from mean 0 and variance 1, never from earlier statistics, so a resumed run recomputes the
-    same numbers.
+    last bits even once every layer is exact.) The passes normalize with the biased variance,
+    as a train-mode pass does; the returned variance is the unbiased one (PyTorch's
+    running-variance convention), so eval mode on the training set differs from that single
+    pass only by the factor n / (n - 1) in the variance, n the set's pixels per channel. The
+    result depends only on ``params``, the data and ``epoch``: it starts from mean 0 and
+    variance 1, never from earlier statistics, so a resumed run recomputes the same numbers.
     """
     engine = run.statistics_engine
     params = state.params

@@ -533,7 +533,7 @@ def value_and_penalized_grad(
                 "learning_rate is required: build with learning_rate=<float or schedule>, or "
                 "pass learning_rate=... at each call"
             )
-        _check_number("learning_rate", rate, positive=True)
+        _check_number("learning_rate", learning_rate, positive=True)  # the built one: checked
         grads, out = gradient_and_aux(params, args, kwargs)
         new_grads = penalized_gradient(
             lambda p: gradient_and_aux(p, args, kwargs)[0],

@@ -14,6 +14,7 @@ SIGINT (SLURM preemption, Ctrl-C): the current epoch finishes, is saved, and the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -22,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -69,9 +69,7 @@ def make_apply_update(tx: optax.GradientTransformation) -> ApplyUpdate:
     return apply_update
 
 
-@jax.jit
-def _sq_norm(tree: PyTree) -> jax.Array:
-    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+_sq_norm = jax.jit(functools.partial(optax.tree.norm, squared=True))
 
 
 def reference_metrics(
