@@ -82,15 +82,15 @@ def bench_one(
     config = bench_config(config, images)
     run = experiment.build(config)
     state = replicate(experiment.initial_state(run), run.mesh)
-    apply_update = train.make_apply_update(run.optimizer.tx)
+    train_step = train.make_step(run)
 
     start = time.perf_counter()
-    state, _ = train.run_epoch(run, state, apply_update)
+    state, _ = train.run_epoch(run, state, train_step)
     compile_seconds = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, _ = train.run_epoch(run, state, apply_update)
+        state, _ = train.run_epoch(run, state, train_step)
         jax.block_until_ready(state.params)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)

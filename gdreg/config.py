@@ -402,6 +402,24 @@ def check_dataset_fits(config: ml_collections.ConfigDict, num_virtual_images: in
         raise ConfigError(f"{field} {size} is larger than the {num_virtual_images} training images")
 
 
+def check_devices_fit(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks that a minibatch splits evenly over the devices (stochastic mode, where every
+    device takes ``batch_size / num_devices`` images of each minibatch)."""
+    size = config.train.batch_size
+    if config.train.mode == "stochastic" and size % num_devices:
+        raise ConfigError(
+            f"train.batch_size {size} does not split evenly over the {num_devices} devices; "
+            f"use a multiple of {num_devices}"
+            + (f" or set {as_flag('train.cpu_devices')}" if _on_cpu() else "")
+        )
+
+
+def _on_cpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
 def as_flag(dotted: str) -> str:
     """How a field is set on the command line: ``as_flag("data.data_dir")`` is
     ``--config.data.data_dir``."""

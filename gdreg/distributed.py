@@ -64,18 +64,23 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def cpu_devices_for(requested: int, *, fullbatch: bool) -> int:
+def cpu_devices_for(requested: int, *, fullbatch: bool, batch_size: int = 0) -> int:
     """How many JAX devices a CPU host is split into (``config.train.cpu_devices``).
 
     ``requested`` when positive; else one device per usable core for full-batch work (blocks
     are independent, so each core runs its own blocks, which beats one device that spreads
-    every small convolution over all cores; see README "Performance"), and one device for
-    stochastic training, where a step is a single block and further devices would only get
-    zero-weight padding blocks.
+    every small convolution over all cores; see README "Performance"), and for stochastic
+    training the largest count up to the usable cores that divides ``batch_size`` (each
+    minibatch is split evenly over the devices, :mod:`gdreg.step`; 1 without a batch size).
     """
     if requested > 0:  # a negative value is reported by the config check later
         return int(requested)
-    return usable_cores() if fullbatch else 1
+    cores = usable_cores()
+    if fullbatch:
+        return cores
+    return max(
+        (n for n in range(1, cores + 1) if batch_size > 0 and batch_size % n == 0), default=1
+    )
 
 
 def configure_cpu_devices(count: int) -> bool:

@@ -363,8 +363,14 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_virtual_images: int) 
 # ----- the whole run ------------------------------------------------------------------------
 
 
-def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None) -> Run:
-    """Validates ``config`` and builds its run (loading the data unless ``dataset`` is given).
+def build(
+    config: ml_collections.ConfigDict,
+    dataset: data.Dataset | None = None,
+    *,
+    mesh: Mesh | None = None,
+) -> Run:
+    """Validates ``config`` and builds its run (loading the data unless ``dataset`` is given)
+    on ``mesh`` (default: every device of every process, :func:`gdreg.sharding.data_mesh`).
 
     Raises :class:`gdreg.config.ConfigError` naming the field for any value that cannot run,
     and :class:`gdreg.data.DatasetNotFoundError` for a TFDS dataset that is not there.
@@ -378,7 +384,8 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
         )
     config_lib.check_dataset_fits(config, num_virtual)
     steps = steps_per_epoch(config, num_virtual)
-    mesh = data_mesh()
+    mesh = data_mesh() if mesh is None else mesh
+    config_lib.check_devices_fit(config, mesh.devices.size)
     model = make_model(config, dataset.num_classes)
     optimizer = make_optimizer(config, steps)
     train_batch, test_batch = make_batch_fns(config, dataset)

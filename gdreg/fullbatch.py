@@ -195,7 +195,10 @@ class FullBatchGradient:
         self.num_devices = mesh.devices.size
         self._microbatch = jax.jit(self._sharded(self._microbatch_body), donate_argnums=0)
         self._all_microbatches = jax.jit(self._sharded(self._scan_body))
-        self._finalize = jax.jit(self._finalize_impl)
+        self._finalize = jax.jit(self.reduce)
+        # The device copy of the last layout's rows: a full-batch run without shuffling uses
+        # the same layout every step, so it is sent to the devices once.
+        self._resident_rows: tuple[np.ndarray, tuple[jax.Array, ...]] | None = None
         self._zero_carry = jax.jit(
             self._zero_carry_impl, out_shardings=NamedSharding(mesh, P(DATA_AXIS))
         )
@@ -372,7 +375,13 @@ class FullBatchGradient:
         )
 
     # ----- reduction across devices ---------------------------------------------------------
-    def _finalize_impl(self, carry, model_state):
+    def reduce(self, carry: PyTree, model_state: PyTree) -> tuple[PyTree, PyTree, dict]:
+        """``(grads, model_state, metrics)`` from the per-device sums of :meth:`accumulate`.
+
+        Pure and jittable, so a training step can fuse it with the optimizer update
+        (:mod:`gdreg.step`). ``metrics`` holds ``blocks`` (the real blocks) in place of
+        ``images``.
+        """
         # carry leaves are [devices, ...] sharded over `data`: summing axis 0 is the all-reduce.
         totals = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), carry)
         count = totals.pop("weight")
@@ -416,11 +425,23 @@ class FullBatchGradient:
         }
         return jax.tree.map(zeros, template)
 
-    def _arguments(self, params, model_state, penalty_state, full_grads, data, block_indices, step):
-        """The zero carry, the arguments of a microbatch call, and the microbatches per device."""
+    def _device_rows(self, block_indices: np.ndarray) -> tuple[jax.Array, ...]:
+        """The padded layout's indices, weights and positions, split over the devices (kept on
+        the devices while the caller passes the same layout)."""
+        block_indices = np.asarray(block_indices, dtype=np.int32)
+        resident = self._resident_rows
+        if resident is not None and np.array_equal(resident[0], block_indices):
+            return resident[1]
         indices, weights = self.padded_layout(block_indices)
         positions = np.arange(indices.shape[0], dtype=np.int32)
-        num_microbatches = indices.shape[0] // (self.num_devices * self.blocks_per_microbatch)
+        rows = tuple(shard_rows(row, self.mesh) for row in (indices, weights, positions))
+        self._resident_rows = (block_indices.copy(), rows)
+        return rows
+
+    def _arguments(self, params, model_state, penalty_state, full_grads, data, block_indices, step):
+        """The zero carry, the arguments of a microbatch call, and the microbatches per device."""
+        rows = self._device_rows(block_indices)
+        num_microbatches = rows[0].shape[0] // (self.num_devices * self.blocks_per_microbatch)
         shared = (
             params,
             model_state,
@@ -430,9 +451,7 @@ class FullBatchGradient:
             jnp.asarray(step, jnp.int32),
             jnp.asarray(block_indices.shape[0], jnp.int32),
         )
-        rows = (indices, weights, positions)
-        args = (shared, *(shard_rows(row, self.mesh) for row in rows))
-        return self._zero_carry(params, model_state), args, num_microbatches
+        return self._zero_carry(params, model_state), (shared, *rows), num_microbatches
 
     def _full_gradient(self, params, model_state, data, block_indices, step):
         """The first pass of ``penalty_full_gradient``: the plain mean gradient (else None), and
@@ -478,6 +497,66 @@ class FullBatchGradient:
             return None
         return first_pass + float(cost["flops"]) * num_microbatches * self.num_devices
 
+    def accumulate(
+        self,
+        params: PyTree,
+        model_state: PyTree,
+        penalty_state: PyTree,
+        data: PyTree,
+        block_indices: np.ndarray,
+        step: int | jax.Array,
+    ) -> tuple[PyTree, PyTree, PyTree]:
+        """Runs every block; returns ``(carry, penalty_state, model_state)`` for :meth:`reduce`.
+
+        ``carry``: the per-device weighted sums; ``penalty_state``: the transform's state after
+        its update; ``model_state``: the running statistics the reduction starts from (those
+        after the first pass of ``penalty_full_gradient`` under the "reference" rule, else the
+        given ones). Arguments as for :meth:`__call__`.
+        """
+        full_grads, model_state = self._full_gradient(
+            params, model_state, data, block_indices, step
+        )
+        carry, args, num_microbatches = self._arguments(
+            params, model_state, penalty_state, full_grads, data, block_indices, step
+        )
+        new_penalty_state = penalty_state
+        if self.microbatch_loop == "scan":
+            carry, new_penalty_state = self._all_microbatches(carry, *args, jnp.int32(0))
+        else:
+            for index in range(num_microbatches):
+                carry, new_penalty_state = self._microbatch(carry, *args, jnp.int32(index))
+        return carry, new_penalty_state, model_state
+
+    def single_block(
+        self,
+        params: PyTree,
+        model_state: PyTree,
+        penalty_state: PyTree,
+        data: PyTree,
+        indices: jax.Array,
+        step: int | jax.Array,
+    ) -> FullBatchResult:
+        """The result of :meth:`__call__` for the one block ``indices`` ([block_size]), as a
+        pure function to trace under ``jax.jit`` (no ``shard_map``, no Python loop).
+
+        For steps on one block at a time (the SGD baseline, :mod:`gdreg.step`): with the
+        block's images sharded over the devices by jit shardings, XLA splits the work by image
+        and all-reduces what the block's forward pass reduces over its images (BatchNorm's
+        moments, the loss's mean), so the result is the one-device result on the same block.
+        """
+        full_grads = None
+        if self._plain is not None:
+            plain = self._plain.single_block(params, model_state, None, data, indices, step)
+            full_grads = plain.grads
+            if self.batchnorm_statistics == "reference":
+                model_state = plain.model_state
+        shared = (params, model_state, penalty_state, full_grads, data, step, jnp.int32(1))
+        sums, new_penalty_state = self._block(shared, indices, jnp.float32(1), jnp.int32(0))
+        carry = jax.tree.map(lambda leaf: leaf[None], sums)
+        grads, model_state, metrics = self.reduce(carry, model_state)
+        metrics["images"] = metrics.pop("blocks") * indices.shape[0]
+        return FullBatchResult(grads, model_state, new_penalty_state, metrics)
+
     def __call__(
         self,
         params: PyTree,
@@ -493,18 +572,9 @@ class FullBatchGradient:
         on the mesh (see :func:`gdreg.sharding.replicate`); ``block_indices`` is a host array,
         identical on every process. ``step`` is handed to ``batch_fn`` (augmentation draws).
         """
-        full_grads, model_state = self._full_gradient(
-            params, model_state, data, block_indices, step
+        carry, new_penalty_state, model_state = self.accumulate(
+            params, model_state, penalty_state, data, block_indices, step
         )
-        carry, args, num_microbatches = self._arguments(
-            params, model_state, penalty_state, full_grads, data, block_indices, step
-        )
-        new_penalty_state = penalty_state
-        if self.microbatch_loop == "scan":
-            carry, new_penalty_state = self._all_microbatches(carry, *args, jnp.int32(0))
-        else:
-            for index in range(num_microbatches):
-                carry, new_penalty_state = self._microbatch(carry, *args, jnp.int32(index))
         grads, model_state, metrics = self._finalize(carry, model_state)
         metrics["images"] = metrics.pop("blocks") * block_indices.shape[1]
         return FullBatchResult(grads, model_state, new_penalty_state, metrics)

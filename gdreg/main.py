@@ -64,6 +64,7 @@ def _start(stop: preemption.StopRequest) -> int:
         distributed.cpu_devices_for(
             train_config.get("cpu_devices", 0),
             fullbatch=train_config.get("mode", "fullbatch") == "fullbatch",
+            batch_size=train_config.get("batch_size", 0),
         )
     )
     try:

@@ -14,18 +14,15 @@ SIGINT (SLURM preemption, Ctrl-C): the current epoch finishes, is saved, and the
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from gdreg import checkpoint, distributed, rundir, summaries
 from gdreg.config import as_flag, describe_changes, resume_changes
@@ -41,7 +38,7 @@ from gdreg.preemption import StopRequest
 from gdreg.progress import ProgressBar
 from gdreg.rundir import RunDirError
 from gdreg.sharding import fetch_replicated, replicate
-from gdreg.types import PyTree
+from gdreg.step import TrainStep
 
 
 class TrainingDivergedError(RuntimeError):
@@ -55,21 +52,11 @@ class Preempted(Exception):
 # ----- the epochs ---------------------------------------------------------------------------
 
 
-ApplyUpdate = Callable[[PyTree, optax.OptState, PyTree], tuple[PyTree, optax.OptState]]
-
-
-def make_apply_update(tx: optax.GradientTransformation) -> ApplyUpdate:
-    """The jitted optimizer step: (params, opt_state, grads) -> (new params, new opt_state)."""
-
-    @jax.jit
-    def apply_update(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return apply_update
-
-
-_sq_norm = jax.jit(functools.partial(optax.tree.norm, squared=True))
+def make_step(run: Run) -> TrainStep:
+    """The run's training step (:mod:`gdreg.step`): gradient, optimizer update and metrics."""
+    return TrainStep(
+        run.engine, run.optimizer.tx, run.optimizer.schedule, clip_norm=run.config.optim.clip_norm
+    )
 
 
 def reference_metrics(
@@ -99,42 +86,41 @@ def reference_metrics(
     }
 
 
-def run_epoch(
-    run: Run, state: TrainState, apply_update: ApplyUpdate
-) -> tuple[TrainState, dict[str, Any]]:
+def run_epoch(run: Run, state: TrainState, step: TrainStep) -> tuple[TrainState, dict[str, Any]]:
     """One epoch from ``state`` (device arrays); returns the new state and its metric record.
 
-    Raises :class:`TrainingDivergedError` before applying an update whose loss or gradient
-    is not finite, so a diverged step never reaches a checkpoint.
+    The host reads the devices once, at the end of the epoch. Raises
+    :class:`TrainingDivergedError` when a step's loss or gradient is not finite; that step and
+    every later one were not applied (:mod:`gdreg.step`), so a diverged step never reaches a
+    checkpoint.
     """
     epoch = int(state.epoch)
     start = time.perf_counter()
-    totals: dict[str, float] = {}
-    params, model_state = state.params, state.model_state
-    opt_state, penalty_state = state.opt_state, state.penalty_state
     layouts = epoch_layouts(run, epoch)
-    clip_norm = run.config.optim.clip_norm
-    images = 0
-    for index, layout in enumerate(layouts):
-        step = epoch * run.steps_per_epoch + index
-        result = run.engine(params, model_state, penalty_state, run.train_data, layout, epoch)
-        metrics = fetch_replicated(result.metrics)
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            raise TrainingDivergedError(
-                f"non-finite training loss {metrics['loss']} or gradient norm "
-                f"{metrics['grad_norm']} at epoch {epoch} (step {step})"
-            )
-        metrics["lr"] = float(run.optimizer.schedule(step))
-        metrics["clipped"] = float(clip_norm > 0 and metrics["grad_norm"] > clip_norm)
-        metrics["param_sq_norm"] = float(_sq_norm(params))
-        params, opt_state = apply_update(params, opt_state, result.grads)
-        model_state, penalty_state = result.model_state, result.penalty_state
-        images += int(metrics.pop("images"))
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    jax.block_until_ready(params)
+    first_step = epoch * run.steps_per_epoch
+    parts = (state.params, state.opt_state, state.model_state, state.penalty_state)
+    if run.config.train.mode == "fullbatch":
+        (layout,) = layouts
+        parts, sums, healthy = step.fullbatch(parts, run.train_data, layout, first_step, epoch)
+        first_bad = jax.numpy.where(healthy, -1, first_step)
+    else:
+        parts, sums, healthy, first_bad = step.stochastic_epoch(
+            parts, run.train_data, np.concatenate(layouts), first_step, epoch
+        )
+    for value in jax.tree.leaves(sums):
+        value.copy_to_host_async()
+    totals = fetch_replicated(sums)
+    if not bool(fetch_replicated(healthy)):
+        bad = int(fetch_replicated(first_bad))
+        raise TrainingDivergedError(
+            f"non-finite training loss or gradient norm at epoch {epoch} (step {bad}); the "
+            f"epoch's sums: loss {float(totals['loss'])}, gradient norm "
+            f"{float(totals['grad_norm'])}"
+        )
+    params, opt_state, model_state, penalty_state = parts
     seconds = time.perf_counter() - start
-    mean = {key: value / len(layouts) for key, value in totals.items()}
+    images = int(totals.pop("images"))
+    mean = {key: float(value) / len(layouts) for key, value in totals.items()}
     strength = run.config.penalty.strength
     record = {
         "epoch": epoch + 1,
@@ -320,7 +306,7 @@ def _train(
         enabled=is_first_process and config.log.tensorboard,
     )
     cleanup.callback(tensorboard.close)
-    apply_update = make_apply_update(run.optimizer.tx)
+    train_step = make_step(run)
     epochs = config.train.epochs
     # The last moment to stop before the first epoch (which compiles); from here on a signal
     # is answered after the epoch, with a checkpoint.
@@ -347,7 +333,7 @@ def _train(
 
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
-        state, record = run_epoch(run, state, apply_update)
+        state, record = run_epoch(run, state, train_step)
         done = epoch + 1
         if _due(done, config.eval.every_epochs, epochs):
             state, test_metrics = evaluate(state)

@@ -68,10 +68,13 @@ def test_full_batch_gets_one_device_per_core_of_the_affinity_mask():
         assert _probe(0, True, cores=set(cores[:2])) == (True, 2)
 
 
-@needs_affinity
-def test_stochastic_training_keeps_one_device():
-    cores = sorted(os.sched_getaffinity(0))
-    assert _probe(0, False, cores=set(cores[:2])) == (True, 1)
+@pytest.mark.parametrize(
+    "cores, batch_size, expected", [(2, 128, 2), (8, 128, 8), (8, 96, 8), (8, 36, 6), (2, 7, 1)]
+)
+def test_stochastic_training_splits_the_minibatch_evenly(monkeypatch, cores, batch_size, expected):
+    monkeypatch.setattr(distributed, "usable_cores", lambda: cores)
+    assert distributed.cpu_devices_for(0, fullbatch=False, batch_size=batch_size) == expected
+    assert distributed.cpu_devices_for(0, fullbatch=False) == 1  # no batch size given
 
 
 def test_requested_count_wins_over_the_cores():

@@ -78,10 +78,10 @@ def test_five_float64_steps_equal_the_reference_implementation(x64, warmup):
         penalty_state=run.optimizer.penalty.init(params),
     )
     state = replicate(state, run.mesh)
-    apply_update = train.make_apply_update(run.optimizer.tx)
+    train_step = train.make_step(run)
     worst = {}
     for k in range(1, fixture_lib.STEPS + 1):
-        state, record = train.run_epoch(run, state, apply_update)
+        state, record = train.run_epoch(run, state, train_step)
         momentum = optax.tree_utils.tree_get(state.opt_state, "trace")
         got = {
             **summaries("params", state.params),

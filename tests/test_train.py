@@ -142,16 +142,17 @@ class SimulatedKill(Exception):
     pass
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    config = tiny_config()
+@pytest.mark.parametrize("mode", ["fullbatch", "stochastic"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
+    config = tiny_config(train__mode=mode, train__batch_size=32)
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
 
     real_run_epoch = train.run_epoch
 
-    def dies_in_epoch_four(run, state, apply_update):
+    def dies_in_epoch_four(run, state, train_step):
         if int(jax.device_get(state.epoch)) == 3:
             raise SimulatedKill  # after epoch 3's metrics, with the last checkpoint at 2
-        return real_run_epoch(run, state, apply_update)
+        return real_run_epoch(run, state, train_step)
 
     monkeypatch.setattr(train, "run_epoch", dies_in_epoch_four)
     with pytest.raises(SimulatedKill):
@@ -190,10 +191,10 @@ def test_resume_is_bitwise_equal_with_each_batchnorm_rule(tmp_path, monkeypatch,
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
     real_run_epoch = train.run_epoch
 
-    def dies_in_epoch_three(run, state, apply_update):
+    def dies_in_epoch_three(run, state, train_step):
         if int(jax.device_get(state.epoch)) == 2:
             raise SimulatedKill
-        return real_run_epoch(run, state, apply_update)
+        return real_run_epoch(run, state, train_step)
 
     monkeypatch.setattr(train, "run_epoch", dies_in_epoch_three)
     with pytest.raises(SimulatedKill):

@@ -1,0 +1,218 @@
+"""What one optimizer step computes on the devices: gradient, update and metrics, fused.
+
+Full batch (one step per epoch): the engine's microbatch calls accumulate the blocks' sums
+(:meth:`gdreg.fullbatch.FullBatchGradient.accumulate`); one jitted call then reduces them
+across devices, applies the optax chain and computes the step's metrics, so the update costs
+no dispatch of its own and nothing waits for the host between the last block and the update.
+
+Stochastic (the SGD baseline): one jitted call per minibatch, which takes the minibatch's
+images from the device-resident training set, splits them over the ``data`` axis (jit
+shardings: XLA partitions every convolution by image and all-reduces BatchNorm's moments, the
+loss's mean and the gradient), applies the update and adds the step's metrics to sums kept on
+the devices. The epoch's permutation is sent to the devices once, the schedule is evaluated on
+the devices, and the host reads the sums once per epoch. The step equals the one-device step
+on the same minibatch up to float32 summation order, and each device does 1/N of its work.
+
+Divergence guard, both modes: a step whose loss or gradient norm is not finite is not applied
+(parameters, optimizer, penalty and BatchNorm state stay as they were) and, within an epoch,
+no later step is applied either. The host learns it when it reads the epoch's metrics and
+raises before anything reaches a checkpoint (:func:`gdreg.train.run_epoch`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gdreg.fullbatch import FullBatchGradient
+from gdreg.sharding import DATA_AXIS
+from gdreg.types import PyTree
+
+#: The per-step metrics a step returns (summed over the steps of an epoch in stochastic mode).
+STEP_METRICS = (
+    "loss",
+    "accuracy",
+    "block_grad_sq_norm",
+    "grad_norm",
+    "lr",
+    "clipped",
+    "param_sq_norm",
+    "images",
+)
+
+
+def guarded_update(
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    clip_norm: float,
+    state: tuple[PyTree, PyTree, PyTree, PyTree],
+    result: tuple[PyTree, PyTree, PyTree, dict[str, jax.Array]],
+    step: jax.Array,
+    healthy: jax.Array,
+) -> tuple[tuple[PyTree, PyTree, PyTree, PyTree], dict[str, jax.Array], jax.Array]:
+    """One optimizer update, applied only while every step so far was finite.
+
+    ``state``: (params, opt_state, model_state, penalty_state) before the step; ``result``:
+    (grads, model_state, penalty_state, engine metrics) of the step's gradient. Returns the
+    state after the step (the old one where the step is not applied), the step's metrics
+    (:data:`STEP_METRICS`: ``lr = schedule(step)``, ``clipped = clip_norm > 0 and
+    ||g|| > clip_norm``, ``param_sq_norm = ||theta||^2`` before the update, the reference's
+    ``param_norm``) and ``healthy and the step's loss and ||g|| are finite``.
+    """
+    params, opt_state, _, _ = state
+    grads, model_state, penalty_state, metrics = result
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    healthy = healthy & finite
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_state = (optax.apply_updates(params, updates), new_opt_state, model_state, penalty_state)
+    kept = jax.tree.map(lambda new, old: jnp.where(healthy, new, old), new_state, state)
+    dtype = metrics["loss"].dtype
+    step_metrics = {key: metrics[key] for key in ("loss", "accuracy", "block_grad_sq_norm")}
+    step_metrics.update(
+        grad_norm=metrics["grad_norm"],
+        lr=jnp.asarray(schedule(step), dtype),
+        clipped=jnp.asarray((clip_norm > 0) & (metrics["grad_norm"] > clip_norm), dtype),
+        param_sq_norm=jnp.asarray(optax.tree.norm(params, squared=True), dtype),
+        images=jnp.asarray(metrics["images"], dtype),
+    )
+    return kept, step_metrics, healthy
+
+
+class TrainStep:
+    """The training step of a run: :meth:`fullbatch` or :meth:`stochastic_epoch`.
+
+    Built once per run (it owns the compiled functions) from the run's engine, optax chain,
+    schedule and mesh.
+    """
+
+    def __init__(
+        self,
+        engine: FullBatchGradient,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule,
+        *,
+        clip_norm: float,
+    ) -> None:
+        self.engine = engine
+        self.mesh = engine.mesh
+        update = functools.partial(guarded_update, tx, schedule, clip_norm)
+
+        def fused(state, carry, model_state, penalty_state, step, block_size):
+            grads, model_state, metrics = engine.reduce(carry, model_state)
+            metrics["images"] = metrics.pop("blocks") * block_size
+            result = (grads, model_state, penalty_state, metrics)
+            return update(state, result, step, jnp.asarray(True))
+
+        self._fused = jax.jit(fused, donate_argnums=1)
+
+        split = NamedSharding(self.mesh, P(DATA_AXIS))
+        batch_fn = engine.batch_fn
+
+        def split_batch(data, indices, step):
+            # Images (and everything computed from them) split over the devices by image.
+            return jax.lax.with_sharding_constraint(batch_fn(data, indices, step), split)
+
+        minibatch_engine = engine.replace(batch_fn=split_batch)
+
+        def minibatch(carry, order, index, first_step, epoch, data):
+            state, sums, healthy, first_bad = carry
+            params, _, model_state, penalty_state = state
+            indices = jax.lax.dynamic_index_in_dim(order, index, keepdims=False)
+            result = minibatch_engine.single_block(
+                params, model_state, penalty_state, data, indices, epoch
+            )
+            step = first_step + index
+            was_healthy = healthy
+            state, metrics, healthy = update(state, tuple(result), step, healthy)
+            first_bad = jnp.where(was_healthy & ~healthy, step, first_bad)
+            sums = {key: sums[key] + metrics[key] for key in STEP_METRICS}
+            return state, sums, healthy, first_bad
+
+        self._minibatch = jax.jit(minibatch, donate_argnums=0)
+        self._order_sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
+
+    def fullbatch(
+        self,
+        state: tuple[PyTree, PyTree, PyTree, PyTree],
+        data: PyTree,
+        block_indices: np.ndarray,
+        step: int,
+        epoch: int,
+    ) -> tuple[tuple[PyTree, PyTree, PyTree, PyTree], dict[str, jax.Array], jax.Array]:
+        """One full-batch step over ``block_indices`` (augmentation draws of ``epoch``).
+
+        ``state``: (params, opt_state, model_state, penalty_state), replicated on the mesh.
+        Returns the new state, the step's metrics and whether it was applied (device arrays;
+        nothing is read back).
+        """
+        params, _, model_state, penalty_state = state
+        carry, new_penalty_state, model_state = self.engine.accumulate(
+            params, model_state, penalty_state, data, block_indices, epoch
+        )
+        return self._fused(
+            state,
+            carry,
+            model_state,
+            new_penalty_state,
+            jnp.asarray(step, jnp.int32),
+            jnp.asarray(np.shape(block_indices)[1], jnp.int32),
+        )
+
+    def stochastic_epoch(
+        self,
+        state: tuple[PyTree, PyTree, PyTree, PyTree],
+        data: PyTree,
+        minibatches: np.ndarray,
+        first_step: int,
+        epoch: int,
+    ) -> tuple[tuple[PyTree, PyTree, PyTree, PyTree], dict[str, jax.Array], jax.Array, jax.Array]:
+        """One SGD step per row of ``minibatches`` ([steps, batch_size] image indices).
+
+        Returns the state after the last applied step, the sums of the steps' metrics over the
+        epoch, whether every step was applied and the first step that was not (-1: none).
+        """
+        minibatches = np.asarray(minibatches, np.int32)
+        batch_size = minibatches.shape[1]
+        if batch_size % self.engine.num_devices:
+            raise ValueError(
+                f"batch_size {batch_size} does not split evenly over "
+                f"{self.engine.num_devices} devices"
+            )
+        order = jax.make_array_from_callback(
+            minibatches.shape, self._order_sharding, lambda index: minibatches[index]
+        )
+        dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(state[0])), jnp.float32)
+        sums = {key: jnp.zeros((), dtype) for key in STEP_METRICS}
+        # The steps donate their state to the next; the caller's arrays stay valid.
+        state = jax.tree.map(jnp.copy, state)
+        carry: Any = (state, sums, jnp.asarray(True), jnp.asarray(-1, jnp.int32))
+        first, epoch_scalar = jnp.asarray(first_step, jnp.int32), jnp.asarray(epoch, jnp.int32)
+        for index in range(minibatches.shape[0]):
+            carry = self._minibatch(carry, order, index, first, epoch_scalar, data)
+        return carry
+
+    def minibatch_flops(
+        self, state: tuple[PyTree, PyTree, PyTree, PyTree], data: PyTree, batch_size: int
+    ) -> float | None:
+        """XLA's FLOP count of one SGD step on ``batch_size`` images, per device (None where
+        the backend reports none). With the minibatch split over N devices it is about 1/N
+        of the one-device count."""
+        dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(state[0])), jnp.float32)
+        sums = {key: jnp.zeros((), dtype) for key in STEP_METRICS}
+        carry = (state, sums, jnp.asarray(True), jnp.asarray(-1, jnp.int32))
+        order = jax.ShapeDtypeStruct((1, batch_size), jnp.int32, sharding=self._order_sharding)
+        scalar = jnp.asarray(0, jnp.int32)
+        try:
+            compiled = self._minibatch.lower(carry, order, 0, scalar, scalar, data).compile()
+            cost = compiled.cost_analysis()
+        except Exception:  # cost analysis is best effort and missing on some backends
+            return None
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"]) if cost and "flops" in cost else None

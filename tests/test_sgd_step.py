@@ -1,0 +1,173 @@
+"""The data-parallel SGD step (gdreg.step): one jitted step per minibatch, split over devices.
+
+Against a naive one-device loop (jax.value_and_grad on the whole minibatch, PyTorch's momentum
+update of the BatchNorm statistics, the optax chain), on 1, 2 and 4 host devices; the work per
+device (XLA's FLOP count) falls as 1/N; a minibatch that does not split is a config error.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from problems import tiny_run_config
+
+from gdreg import experiment, train
+from gdreg.batchnorm import TORCH_MOMENTUM
+from gdreg.config import ConfigError
+from gdreg.models import layers, register_model
+from gdreg.sharding import data_mesh, replicate
+
+
+class TinyBatchNormNet(nn.Module):
+    """conv -> BatchNorm -> relu -> mean pool -> dense: the smallest net with BatchNorm."""
+
+    num_classes: int
+    width: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = layers.conv(self.width, 3, dtype=self.dtype)(x)
+        x = nn.relu(layers.batch_norm(train, dtype=self.dtype)(x))
+        return layers.dense(self.num_classes, dtype=self.dtype)(x.mean(axis=(1, 2)))
+
+
+def tiny_batchnorm_net(*, num_classes, width, dtype):
+    return TinyBatchNormNet(num_classes, width or 4, dtype)
+
+
+register_model("tiny_batchnorm_test", tiny_batchnorm_net)
+
+
+def sgd_config(**changes):
+    config = tiny_run_config()
+    config.model.name = "tiny_batchnorm_test"
+    config.train.mode = "stochastic"
+    config.train.batch_size = 32
+    config.train.epochs = 2
+    config.optim.lr = 0.3
+    config.optim.warmup_epochs = 0
+    config.optim.cosine_epochs = 4
+    config.optim.clip_norm = 0.0
+    config.penalty.strength = 0.0
+    for dotted, value in changes.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    return config
+
+
+def build_on(config, devices):
+    return experiment.build(config, mesh=data_mesh(jax.devices()[:devices]))
+
+
+def train_epochs(run, epochs):
+    state = replicate(experiment.initial_state(run), run.mesh)
+    step = train.make_step(run)
+    records = []
+    for _ in range(epochs):
+        state, record = train.run_epoch(run, state, step)
+        records.append(record)
+    return jax.tree.map(np.asarray, state), records
+
+
+def naive_sgd(run, epochs):
+    """One device, one minibatch at a time, every piece written out."""
+    state = experiment.initial_state(run)
+    params, model_state, opt_state = state.params, state.model_state, state.opt_state
+    tx = run.optimizer.tx
+    data = jax.tree.map(np.asarray, run.train_data)
+    loss_fn, batch_fn = run.engine.loss_fn, run.engine.batch_fn
+
+    @jax.jit
+    def step(params, model_state, opt_state, indices, epoch):
+        inputs, labels = batch_fn(data, indices, epoch)
+        (loss, (statistics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, model_state, inputs, labels
+        )
+        model_state = jax.tree.map(
+            lambda r, s: (1 - TORCH_MOMENTUM) * r + TORCH_MOMENTUM * s, model_state, statistics
+        )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), model_state, opt_state, loss
+
+    losses = []
+    for epoch in range(epochs):
+        for layout in experiment.epoch_layouts(run, epoch):
+            params, model_state, opt_state, loss = step(
+                params, model_state, opt_state, layout[0], epoch
+            )
+            losses.append(float(loss))
+    return params, model_state, losses
+
+
+@pytest.fixture(scope="module")
+def naive():
+    run = build_on(sgd_config(), 1)
+    return naive_sgd(run, 2)
+
+
+@pytest.mark.parametrize("devices", [1, 2, 4])
+def test_sgd_on_n_devices_follows_the_one_device_loop(naive, devices):
+    params, model_state, losses = naive
+    run = build_on(sgd_config(), devices)
+    state, records = train_epochs(run, 2)
+    # float32: the devices' partial sums change the summation order, nothing else.
+    for got, want in ((state.params, params), (state.model_state, model_state)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), got, want)
+    assert records[0]["train_loss"] == pytest.approx(np.mean(losses[:4]), rel=1e-5)
+    assert records[1]["train_loss"] == pytest.approx(np.mean(losses[4:]), rel=1e-4)
+    assert [r["images"] for r in records] == [128, 128]
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), model_state, state.model_state)
+    assert model_state and jax.tree.leaves(moved)
+
+
+def test_sgd_with_the_penalty_equals_its_one_device_run():
+    """The penalty on each minibatch (jvp: exact, so float32 rounding is not amplified)."""
+    config = sgd_config(**{"penalty.strength": 0.5, "penalty.method": "jvp"})
+    one, _ = train_epochs(build_on(config, 1), 1)
+    four, _ = train_epochs(build_on(config, 4), 1)
+    plain, _ = train_epochs(build_on(sgd_config(), 1), 1)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)  # noqa: E731
+    jax.tree.map(close, four.params, one.params)
+    assert (
+        max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(plain.params), strict=True)
+        )
+        > 1e-4
+    ), "the penalty should change the step"
+
+
+def test_work_per_device_falls_as_one_over_the_devices():
+    flops = {}
+    for devices in (1, 8):
+        run = build_on(sgd_config(**{"train.batch_size": 64}), devices)
+        state = replicate(experiment.initial_state(run), run.mesh)
+        parts = (state.params, state.opt_state, state.model_state, state.penalty_state)
+        flops[devices] = train.make_step(run).minibatch_flops(parts, run.train_data, 64)
+    assert flops[1] and flops[8]
+    assert flops[1] / flops[8] == pytest.approx(8, rel=0.15)
+
+
+def test_a_minibatch_that_does_not_split_over_the_devices_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train\.batch_size 12 does not split evenly over the 8"):
+        experiment.build(sgd_config(**{"train.batch_size": 12}))
+
+
+def test_a_diverging_step_is_not_applied():
+    run = build_on(sgd_config(**{"optim.lr": 1e30}), 2)
+    state = replicate(experiment.initial_state(run), run.mesh)
+    parts = (state.params, state.opt_state, state.model_state, state.penalty_state)
+    order = np.concatenate(experiment.epoch_layouts(run, 0))
+    after, _, healthy, first_bad = train.make_step(run).stochastic_epoch(
+        parts, run.train_data, order, 0, 0
+    )
+    assert not bool(healthy) and int(first_bad) >= 1
+    # Every step from the first bad one on is skipped: the state is the last finite one.
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(after))
+    with pytest.raises(train.TrainingDivergedError, match=r"non-finite .* \(step [1-9]"):
+        train.run_epoch(run, state, train.make_step(run))
