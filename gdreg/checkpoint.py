@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -50,7 +51,7 @@ def restore_latest(
     template: TrainState,
     mesh: Mesh,
     *,
-    steps_per_epoch: int = 1,
+    first_step: Callable[[int], int] = lambda epoch: epoch,
     move_damaged: bool = True,
     restart_if_damaged: bool = False,
 ) -> TrainState | None:
@@ -67,16 +68,17 @@ def restore_latest(
     full device): :class:`DamagedCheckpointsError` is raised and nothing is moved, unless
     ``restart_if_damaged``, which moves them all aside and returns None (a fresh start).
 
-    Checkpoints of runs without a penalty written before the penalty state was always kept
-    (they hold ``penalty_state = {}``) are read too: their penalty state is the template's, its
-    step count moved to the restored epoch (``epoch * steps_per_epoch`` updates).
+    Checkpoints written before ``TrainState.ema`` existed are read too (their ``ema`` is the
+    template's), and so are those of runs without a penalty written before the penalty state
+    was always kept (they hold ``penalty_state = {}``): their penalty state is the template's,
+    its step count moved to the restored epoch (``first_step(epoch)`` updates).
     """
     damaged: list[int] = []
     first_reason = ""
     state = None
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            candidate, reason = _restore(manager, step, template, mesh, steps_per_epoch), ""
+            candidate, reason = _restore(manager, step, template, mesh, first_step), ""
         except Exception as error:  # orbax raises many kinds of error for a damaged file
             candidate, reason = None, " ".join(f"{type(error).__name__}: {error}".split())[:200]
         if distributed.all_processes(candidate is not None):
@@ -113,24 +115,35 @@ def _restore(
     step: int,
     template: TrainState,
     mesh: Mesh,
-    steps_per_epoch: int,
+    first_step: Callable[[int], int],
 ) -> TrainState:
     # Each step is read by a checkpointer of its own: after a failed read (a damaged step) the
     # manager's own restore can refuse every other step too.
     path = os.path.join(os.fspath(manager.directory), str(step), ITEM_NAME)
+    # Older layouts, newest first: before TrainState.ema; before the penalty state was kept
+    # (an empty dict inside a NamedTuple target does not match orbax's metadata; in a dict it
+    # does).
+    current = template._asdict()
+    without_ema = {key: value for key, value in current.items() if key != "ema"}
+    layouts = (template, without_ema, {**without_ema, "penalty_state": {}})
+    first_error = None
     with ocp.StandardCheckpointer() as checkpointer:
-        try:
-            return checkpointer.restore(path, _abstract(template, mesh))
-        except ValueError as error:
-            if "penalty_state" not in str(error):
-                raise
-        # An empty dict inside a NamedTuple target does not match orbax's metadata; in a dict
-        # it does.
-        legacy = {**template._asdict(), "penalty_state": {}}
-        state = checkpointer.restore(path, _abstract(legacy, mesh))
-    epoch = int(fetch_replicated(state["epoch"]))
-    count = np.asarray(epoch * steps_per_epoch, np.int32)
-    return TrainState(**{**state, "penalty_state": template.penalty_state._replace(count=count)})
+        for layout in layouts:
+            try:
+                state = checkpointer.restore(path, _abstract(layout, mesh))
+                break
+            except Exception as error:  # a damaged file fails every layout: report the first
+                first_error = first_error or error
+        else:
+            raise first_error
+    if isinstance(state, TrainState):
+        return state
+    state = {**current, **state}
+    if isinstance(state["penalty_state"], dict):
+        epoch = int(fetch_replicated(state["epoch"]))
+        count = np.asarray(first_step(epoch), np.int32)
+        state["penalty_state"] = template.penalty_state._replace(count=count)
+    return TrainState(**state)
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

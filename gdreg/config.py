@@ -65,6 +65,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.block_size = 128  # full batch: images per block (regularizer and BatchNorm)
     config.train.batch_size = 128  # stochastic: minibatch size
     config.train.shuffle_blocks = False  # full batch: redraw the block assignment every step
+    # The reference's sanity checks around the SGD baseline (gdreg.epochs): train the first
+    # K epochs in train.mode and the rest in the other mode (0: never switch); stochastic
+    # epochs drawing their images with replacement; stochastic epoch e on augmented copy
+    # e mod data.copies only (data.augmentation="fixed").
+    config.train.switch_mode_after = 0
+    config.train.sample_with_replacement = False
+    config.train.semi_stochastic = False
+    # Stop once the last K epochs all reached 100% training accuracy (0: never), as the
+    # reference's stop_at_full_training_accuracy.
+    config.train.stop_at_full_accuracy = 0
     config.train.blocks_per_microbatch = 0  # 0: backend default (1 on CPU, 4 on GPU)
     config.train.microbatch_loop = ""  # python | scan; "": backend default
     config.train.block_loop = ""  # unroll | vmap; "": backend default
@@ -98,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.every_epochs = 100  # 0: only at the end
     config.eval.batch_size = 1000
     config.eval.flip_average = False  # test-time augmentation: mean of image and mirror image
+    # Also evaluate an exponential moving average of the weights and BatchNorm statistics,
+    # updated once per epoch: ema <- m * ema + (1 - m) * current (the reference's evaluate_ema)
+    config.eval.ema = False
+    config.eval.ema_momentum = 0.99
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_epochs = 50  # 0: only at the end (and on SIGTERM)
@@ -277,11 +291,28 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
         (config.penalty.strength >= 0, "penalty.strength", "must be non-negative"),
         (config.penalty.full_strength >= 0, "penalty.full_strength", "must be non-negative"),
         (config.penalty.eps > 0, "penalty.eps", "must be positive"),
+        (train.switch_mode_after >= 0, "train.switch_mode_after", "must be >= 0 (0: never)"),
+        (train.stop_at_full_accuracy >= 0, "train.stop_at_full_accuracy", "must be >= 0"),
+        (
+            not train.semi_stochastic or data.augmentation == "fixed",
+            "train.semi_stochastic",
+            'needs data.augmentation="fixed" (its copies are what the epochs cycle through)',
+        ),
+        (
+            not (train.semi_stochastic or train.sample_with_replacement) or _has_stochastic(train),
+            "train.semi_stochastic" if train.semi_stochastic else "train.sample_with_replacement",
+            "applies to stochastic epochs, and this run has none",
+        ),
+        (0 <= config.eval.ema_momentum < 1, "eval.ema_momentum", "must be in [0, 1)"),
         (config.eval.every_epochs >= 0, "eval.every_epochs", "must be non-negative"),
         (config.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
         (config.checkpoint.every_epochs >= 0, "checkpoint.every_epochs", "must be >= 0"),
         (config.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1"),
     ]
+
+
+def _has_stochastic(train: ml_collections.ConfigDict) -> bool:
+    return train.mode == "stochastic" or train.switch_mode_after > 0
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -332,6 +363,7 @@ RUNTIME_FIELDS = (
 STATE_FIELDS = (
     "model.name",
     "model.width",
+    "eval.ema",
     "data.name",
     "data.synthetic_shape",
     "data.synthetic_num_classes",
@@ -396,17 +428,22 @@ def resume_changes(
 
 def check_dataset_fits(config: ml_collections.ConfigDict, num_virtual_images: int) -> None:
     """Checks that a block (or minibatch) fits in the ``num_virtual_images`` training images."""
-    field = "train.block_size" if config.train.mode == "fullbatch" else "train.batch_size"
-    size = get_field(config, field)
-    if size > num_virtual_images:
-        raise ConfigError(f"{field} {size} is larger than the {num_virtual_images} training images")
+    fields = ["train.block_size"] if config.train.mode == "fullbatch" else ["train.batch_size"]
+    if config.train.switch_mode_after:
+        fields = ["train.block_size", "train.batch_size"]
+    for field in fields:
+        size = get_field(config, field)
+        if size > num_virtual_images:
+            raise ConfigError(
+                f"{field} {size} is larger than the {num_virtual_images} training images"
+            )
 
 
 def check_devices_fit(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks that a minibatch splits evenly over the devices (stochastic mode, where every
     device takes ``batch_size / num_devices`` images of each minibatch)."""
     size = config.train.batch_size
-    if config.train.mode == "stochastic" and size % num_devices:
+    if _has_stochastic(config.train) and size % num_devices:
         raise ConfigError(
             f"train.batch_size {size} does not split evenly over the {num_devices} devices; "
             f"use a multiple of {num_devices}"

@@ -29,15 +29,19 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 
 from gdreg import config as config_lib
-from gdreg import data
+from gdreg import data, epochs
+from gdreg.epochs import EpochPlan, epoch_plan
 from gdreg.evaluate import Evaluator, flip_averaged
-from gdreg.fullbatch import FullBatchGradient, block_layout
+from gdreg.fullbatch import FullBatchGradient
 from gdreg.models import create_model
 from gdreg.models.layers import MOMENTS
 from gdreg.optim import learning_rate_schedule, sgd_chain
 from gdreg.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from gdreg.sharding import data_mesh, fetch_replicated, replicate
 from gdreg.types import BatchFn, LossFn, PredictFn, PyTree
+
+#: TrainState.ema of a run without eval.ema.
+NO_EMA = np.zeros((), np.float32)
 
 
 class TrainState(NamedTuple):
@@ -50,6 +54,9 @@ class TrainState(NamedTuple):
     # The penalty is always part of the run; with penalty.strength = full_strength = 0 it
     # passes the gradient through unchanged and only counts steps.
     penalty_state: GradientNormPenaltyState
+    # eval.ema: {"params", "model_state"}, their moving average; else a placeholder scalar
+    # (orbax cannot restore an empty subtree of a NamedTuple).
+    ema: PyTree = NO_EMA
 
 
 class Optimizer(NamedTuple):
@@ -74,7 +81,8 @@ class Run:
     train_data: PyTree  # {"images", "labels"} of the training set, replicated on the mesh
     test_data: PyTree
     num_virtual_images: int  # the training set as augmentation sees it (N x copies)
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer steps of an epoch in train.mode (see plan for a switch)
+    plan: EpochPlan  # each epoch's mode and steps (gdreg.epochs)
     # train.batchnorm_statistics="recompute": the engine of recompute_statistics (else None)
     statistics_engine: FullBatchGradient | None = None
 
@@ -121,20 +129,29 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module
         )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Optimizer:
+def make_optimizer(config: ml_collections.ConfigDict, plan: EpochPlan) -> Optimizer:
     """The schedule and optax chain of ``config.optim`` and the penalty of ``config.penalty``.
 
-    The penalty follows the same schedule (its coefficient is ``strength * lr_t / 4``).
+    The schedule moves once per epoch (``plan`` maps optimizer steps to epochs); the penalty
+    follows it (its coefficient is ``strength * lr_t / 4``).
     """
     optim = config.optim
     with config_lib.blame("optim"):
-        schedule = learning_rate_schedule(
+        per_epoch = learning_rate_schedule(
             base_lr=optim.lr,
             schedule=optim.schedule,
             warmup_epochs=optim.warmup_epochs,
             cosine_epochs=optim.cosine_epochs,
-            steps_per_epoch=steps_per_epoch,
+            steps_per_epoch=1 if plan.switch_after else plan.steps[plan.mode],
         )
+    if plan.switch_after:
+
+        def schedule(step):
+            return per_epoch(plan.epoch_of_step(step))
+
+    else:
+        schedule = per_epoch
+    with config_lib.blame("optim"):
         tx = sgd_chain(
             schedule,
             momentum=optim.momentum,
@@ -353,13 +370,6 @@ def _zero_moments(layers, flat):
     return unflatten_dict(zeros)
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, num_virtual_images: int) -> int:
-    """Optimizer steps per epoch: 1 in full-batch mode, ``N // batch_size`` in stochastic."""
-    if config.train.mode == "fullbatch":
-        return 1
-    return num_virtual_images // config.train.batch_size
-
-
 # ----- the whole run ------------------------------------------------------------------------
 
 
@@ -383,11 +393,11 @@ def build(
             dataset.num_train, config.data.augmentation, config.data.copies
         )
     config_lib.check_dataset_fits(config, num_virtual)
-    steps = steps_per_epoch(config, num_virtual)
+    plan = epoch_plan(config, num_virtual, dataset.num_train)
     mesh = data_mesh() if mesh is None else mesh
     config_lib.check_devices_fit(config, mesh.devices.size)
     model = make_model(config, dataset.num_classes)
-    optimizer = make_optimizer(config, steps)
+    optimizer = make_optimizer(config, plan)
     train_batch, test_batch = make_batch_fns(config, dataset)
     engine = make_engine(config, model, train_batch, optimizer.penalty, mesh)
     statistics_engine = None
@@ -406,7 +416,8 @@ def build(
         ),
         test_data=replicate({"images": dataset.test_images, "labels": dataset.test_labels}, mesh),
         num_virtual_images=num_virtual,
-        steps_per_epoch=steps,
+        steps_per_epoch=plan.steps[plan.mode],
+        plan=plan,
         statistics_engine=statistics_engine,
     )
 
@@ -419,30 +430,29 @@ def initial_state(run: Run) -> TrainState:
     )
     variables = jax.tree.map(np.asarray, variables)
     params = variables.pop("params")
+    model_state = dict(variables)
     return TrainState(
         epoch=np.zeros((), np.int32),
         params=params,
-        model_state=dict(variables),
+        model_state=model_state,
         opt_state=jax.tree.map(np.asarray, run.optimizer.tx.init(params)),
         penalty_state=jax.tree.map(np.asarray, run.optimizer.penalty.init(params)),
+        ema=initial_ema(run.config, params, model_state),
     )
 
 
-def epoch_layouts(run: Run, epoch: int) -> list[np.ndarray]:
-    """The block layouts of one epoch: one full-batch layout, or one per minibatch.
+def initial_ema(config: ml_collections.ConfigDict, params: PyTree, model_state: PyTree) -> PyTree:
+    """``TrainState.ema`` at the start of a run: the weights themselves (as the reference's
+    ``copy.deepcopy(model)``), or :data:`NO_EMA` without ``eval.ema``."""
+    if not config.eval.ema:
+        return NO_EMA
+    return jax.tree.map(np.array, {"params": params, "model_state": model_state})
 
-    Drawn from ``(seed, epoch)`` only, so a resumed run repeats them exactly.
-    """
-    config = run.config
-    seed = [config.seed, epoch]
-    if config.train.mode == "fullbatch":
-        shuffle = config.train.shuffle_blocks
-        layout = block_layout(
-            run.num_virtual_images,
-            config.train.block_size,
-            permutation_seed=np.random.SeedSequence(seed).generate_state(1)[0] if shuffle else None,
-        )
-        return [layout]
-    order = np.random.default_rng(seed).permutation(run.num_virtual_images).astype(np.int32)
-    size = config.train.batch_size
-    return [order[i * size : (i + 1) * size][None] for i in range(run.steps_per_epoch)]
+
+def epoch_layouts(run: Run, epoch: int) -> list[np.ndarray]:
+    """The block layouts of one epoch: one full-batch layout, or one per minibatch
+    (:func:`gdreg.epochs.epoch_layouts`; drawn from ``(seed, epoch)`` only, so a resumed run
+    repeats them exactly)."""
+    return epochs.epoch_layouts(
+        run.config, run.plan, epoch, run.num_virtual_images, run.dataset.num_train
+    )

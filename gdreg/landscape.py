@@ -85,7 +85,7 @@ def load_checkpoint(run: experiment.Run, workdir: str) -> experiment.TrainState:
             manager,
             experiment.initial_state(run),
             run.mesh,
-            steps_per_epoch=run.steps_per_epoch,
+            first_step=run.plan.first_step,
             move_damaged=False,
         )
     finally:

@@ -63,7 +63,8 @@ def _start(stop: preemption.StopRequest) -> int:
     distributed.configure_cpu_devices(
         distributed.cpu_devices_for(
             train_config.get("cpu_devices", 0),
-            fullbatch=train_config.get("mode", "fullbatch") == "fullbatch",
+            fullbatch=train_config.get("mode", "fullbatch") == "fullbatch"
+            and not train_config.get("switch_mode_after", 0),
             batch_size=train_config.get("batch_size", 0),
         )
     )

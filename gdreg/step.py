@@ -85,6 +85,16 @@ def guarded_update(
     return kept, step_metrics, healthy
 
 
+def _moving_average(ema: PyTree, current: PyTree, momentum: jax.Array) -> PyTree:
+    return jax.tree.map(
+        lambda average, value: (
+            momentum.astype(average.dtype) * average + (1 - momentum.astype(average.dtype)) * value
+        ).astype(average.dtype),
+        ema,
+        current,
+    )
+
+
 class TrainStep:
     """The training step of a run: :meth:`fullbatch` or :meth:`stochastic_epoch`.
 
@@ -136,6 +146,7 @@ class TrainStep:
             return state, sums, healthy, first_bad
 
         self._minibatch = jax.jit(minibatch, donate_argnums=0)
+        self._moving_average = jax.jit(_moving_average, donate_argnums=0)
         self._order_sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
 
     def fullbatch(
@@ -197,6 +208,14 @@ class TrainStep:
         for index in range(minibatches.shape[0]):
             carry = self._minibatch(carry, order, index, first, epoch_scalar, data)
         return carry
+
+    def moving_average(
+        self, ema: PyTree, params: PyTree, model_state: PyTree, momentum: float
+    ) -> PyTree:
+        """``ema <- m * ema + (1 - m) * current`` for the weights and the BatchNorm statistics
+        (the reference's ``_update_ema`` in ``fullbatch/training/utils.py``, once per epoch)."""
+        current = {"params": params, "model_state": model_state}
+        return self._moving_average(ema, current, jnp.asarray(momentum, jnp.float32))
 
     def minibatch_flops(
         self, state: tuple[PyTree, PyTree, PyTree, PyTree], data: PyTree, batch_size: int

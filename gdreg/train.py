@@ -97,9 +97,9 @@ def run_epoch(run: Run, state: TrainState, step: TrainStep) -> tuple[TrainState,
     epoch = int(state.epoch)
     start = time.perf_counter()
     layouts = epoch_layouts(run, epoch)
-    first_step = epoch * run.steps_per_epoch
+    first_step = run.plan.first_step(epoch)
     parts = (state.params, state.opt_state, state.model_state, state.penalty_state)
-    if run.config.train.mode == "fullbatch":
+    if run.plan.mode_of(epoch) == "fullbatch":
         (layout,) = layouts
         parts, sums, healthy = step.fullbatch(parts, run.train_data, layout, first_step, epoch)
         first_bad = jax.numpy.where(healthy, -1, first_step)
@@ -118,6 +118,9 @@ def run_epoch(run: Run, state: TrainState, step: TrainStep) -> tuple[TrainState,
             f"{float(totals['grad_norm'])}"
         )
     params, opt_state, model_state, penalty_state = parts
+    ema = state.ema
+    if run.config.eval.ema:
+        ema = step.moving_average(ema, params, model_state, run.config.eval.ema_momentum)
     seconds = time.perf_counter() - start
     images = int(totals.pop("images"))
     mean = {key: float(value) / len(layouts) for key, value in totals.items()}
@@ -145,6 +148,7 @@ def run_epoch(run: Run, state: TrainState, step: TrainStep) -> tuple[TrainState,
         model_state=model_state,
         opt_state=opt_state,
         penalty_state=penalty_state,
+        ema=ema,
     )
     return new_state, record
 
@@ -161,6 +165,12 @@ def progress_text(record: dict[str, Any], test_accuracy: float | None = None) ->
 
 
 # ----- the program ------------------------------------------------------------------------
+
+
+def fitted(train_accuracies: list[float], epochs: int) -> bool:
+    """Whether the last ``epochs`` (> 0) epochs all reached 100% training accuracy
+    (``train.stop_at_full_accuracy``; the reference's ``stop_at_full_training_accuracy``)."""
+    return 0 < epochs <= len(train_accuracies) and min(train_accuracies[-epochs:]) == 1.0
 
 
 def _due(done: int, every: int, last: int) -> bool:
@@ -231,7 +241,7 @@ def _restore(run: Run, manager, is_first_process: bool) -> TrainState:
             manager,
             host_state,
             run.mesh,
-            steps_per_epoch=run.steps_per_epoch,
+            first_step=run.plan.first_step,
             move_damaged=is_first_process,
             restart_if_damaged=restart,
         )
@@ -251,7 +261,7 @@ def _log_images_used(run: Run, epoch: int) -> None:
     logging.info(
         "%s training of %s on %s: %d training images (%d virtual), %d used per epoch; "
         "%d devices in %d processes",
-        config.train.mode,
+        run.plan.mode_of(epoch),
         config.model.name,
         run.dataset.name,
         run.dataset.num_train,
@@ -262,7 +272,8 @@ def _log_images_used(run: Run, epoch: int) -> None:
     )
     dropped = run.num_virtual_images - used
     if dropped:
-        unit = "block" if config.train.mode == "fullbatch" else "minibatch"
+        mode = run.plan.mode_of(epoch)
+        unit = "block" if mode == "fullbatch" else "minibatch"
         size = config.train.block_size if unit == "block" else config.train.batch_size
         logging.warning(
             "%d of %d training images (%.1f%%) are left out of every epoch: they do not fill a "
@@ -273,7 +284,7 @@ def _log_images_used(run: Run, epoch: int) -> None:
             unit,
             size,
             ""
-            if config.train.mode == "stochastic" or config.train.shuffle_blocks
+            if mode == "stochastic" or config.train.shuffle_blocks
             else " (always the same images: the last ones)",
         )
 
@@ -326,24 +337,45 @@ def _train(
             statistics = replicate(recompute_statistics(run, state), run.mesh)
             state = state._replace(model_state=statistics)  # kept in the checkpoint
         result = run.evaluator(state.params, state.model_state, run.test_data, run.dataset.num_test)
-        return state, {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+        metrics = {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+        if config.eval.ema:  # the moving average, evaluated beside the weights themselves
+            params, statistics = state.ema["params"], state.ema["model_state"]
+            if run.statistics_engine is not None:
+                at_average = state._replace(params=params)
+                statistics = replicate(recompute_statistics(run, at_average), run.mesh)
+            result = run.evaluator(params, statistics, run.test_data, run.dataset.num_test)
+            metrics.update(test_loss_ema=result["loss"], test_accuracy_ema=result["accuracy"])
+        return state, metrics
 
     def save(state: TrainState) -> None:
         checkpoint.save(manager, int(fetch_replicated(state.epoch)), state)
 
     record: dict[str, Any] = {}
+    accuracies = [r["train_accuracy"] for r in metrics_writer.previous if "train_accuracy" in r]
+    fit_for = config.train.stop_at_full_accuracy
     for epoch in range(start_epoch, epochs):
+        if fitted(accuracies, fit_for):
+            break
         state, record = run_epoch(run, state, train_step)
+        accuracies.append(record["train_accuracy"])
         done = epoch + 1
-        if _due(done, config.eval.every_epochs, epochs):
+        last = done == epochs or fitted(accuracies, fit_for)
+        if last or _due(done, config.eval.every_epochs, epochs):
             state, test_metrics = evaluate(state)
             record.update(test_metrics)
         metrics_writer.write(record)
         tensorboard.write(record)
         test_accuracy = record.get("test_accuracy", test_accuracy)
         progress.update(done, progress_text(record, test_accuracy))
-        if _due(done, config.checkpoint.every_epochs, epochs):
+        if last or _due(done, config.checkpoint.every_epochs, epochs):
             save(state)
+        if last and done < epochs:
+            logging.info(
+                "stopping after epoch %d: the last %d epochs fitted every training image",
+                done,
+                fit_for,
+            )
+            break
         if stop.any_process() and done < epochs:
             save(state)
             raise Preempted(f"stopped after epoch {done}; rerun to resume")

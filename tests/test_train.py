@@ -242,8 +242,10 @@ def assert_tensorboard_equals_metrics(workdir):
         )
 
 
-def test_resume_from_a_checkpoint_without_penalty_state(tmp_path):
-    """Runs without a penalty once saved penalty_state={}; they resume as if uninterrupted."""
+@pytest.mark.parametrize("penalty_state_kept", [True, False])
+def test_resume_from_an_older_checkpoint_layout(tmp_path, penalty_state_kept):
+    """Checkpoints from before TrainState.ema, and runs without a penalty that once saved
+    penalty_state={}, resume as if uninterrupted."""
     config = tiny_config(penalty__strength=0.0)
     train.train_and_evaluate(config, str(tmp_path / "whole"))
     config.train.epochs = 2
@@ -252,7 +254,9 @@ def test_resume_from_a_checkpoint_without_penalty_state(tmp_path):
     with ocp.CheckpointManager(path) as manager:
         state = manager.restore(2, args=ocp.args.StandardRestore())
     shutil.rmtree(path)
-    state["penalty_state"] = {}
+    del state["ema"]
+    if not penalty_state_kept:
+        state["penalty_state"] = {}
     with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=True)) as manager:
         manager.save(2, args=ocp.args.StandardSave(state))
     config.train.epochs = 4
