@@ -88,13 +88,43 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 0.8
-    config.optim.schedule = "warmup_cosine"  # warmup_cosine | warmup_constant
+    # warmup_cosine | warmup_constant | warmup_linear | warmup_step | warmup_exponential
+    config.optim.schedule = "warmup_cosine"
     config.optim.warmup_epochs = 400
-    config.optim.cosine_epochs = 4000  # cosine horizon, counted from the end of warmup
+    config.optim.cosine_epochs = 4000  # cosine (and linear) horizon, from the end of warmup
     config.optim.momentum = 0.9
     config.optim.nesterov = True
     config.optim.weight_decay = 5e-4
     config.optim.clip_norm = 0.25  # global L2 norm of the mean gradient; 0 turns clipping off
+    # The optimizers and options of the reference implementation (gdreg.optim.optimizer_chain;
+    # the README's "Optimizer, schedule and loss options" says what each computes).
+    config.optim.name = "sgd"  # sgd | adam | adamw | gd_agc
+    config.optim.modification = "none"  # none | lars | larc | sam
+    config.optim.clip_norm_type = "2"  # norm of clip_norm and batch_clip: 2 | inf
+    config.optim.batch_clip = 0.0  # clip every block's (penalized) gradient to this norm; 0: off
+    config.optim.weight_decay_linear_only = False  # decay only kernels (>= 2-D parameters)
+    config.optim.adam_b1 = 0.9  # adam, adamw
+    config.optim.adam_b2 = 0.999
+    config.optim.adam_eps = 1e-8
+    config.optim.agc_clipping = 0.01  # gd_agc: unit-wise gradient norm <= this * param norm
+    config.optim.agc_eps = 1e-3  # gd_agc: smallest parameter norm in that bound
+    config.optim.trust_coefficient = 0.02  # lars, larc
+    config.optim.trust_eps = 1e-8  # lars, larc
+    config.optim.sam_rho = 0.05  # sam: radius of the ascent step
+    config.optim.grad_noise_additive = 0.0  # std of N(0, 1) noise added to the mean gradient
+    config.optim.grad_noise_multiplicative = 0.0  # std of the noise z in g * (1 + z)
+    config.optim.line_search = "none"  # none | armijo (backtracking along the update)
+    config.optim.line_search_slope = 1e-4  # armijo: sufficient-decrease coefficient c
+    config.optim.line_search_decrease = 0.5  # armijo: factor per rejected step
+    config.optim.line_search_steps = 25  # armijo: most rejected steps
+    # Schedules (optim.schedule): the milestones of warmup_step in epochs after the warmup
+    # (empty: the reference's "linear" ones, 3/8, 5/8 and 7/8 of train.epochs) and its factor;
+    # warmup_exponential's factor per epoch; the floor of warmup_cosine and warmup_linear as
+    # a fraction of lr (the reference's cosine-decay-floored: 0.04).
+    config.optim.milestones = ()
+    config.optim.step_gamma = 0.1
+    config.optim.exponential_gamma = 0.99
+    config.optim.cosine_floor = 0.0
 
     config.penalty = ml_collections.ConfigDict()
     config.penalty.strength = 0.5  # weight of the block gradient; 0 turns the regularizer off
@@ -103,6 +133,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Weight of the full-batch gradient in the penalty's Hessian-vector product (the
     # reference's acc_strength; 0 in the paper). Above 0 every step makes a second pass.
     config.penalty.full_strength = 0.0
+
+    # The training loss (gdreg.experiment.make_loss_fn) and terms added to its gradient.
+    config.loss = ml_collections.ConfigDict()
+    config.loss.label_smoothing = 0.0  # weight s: 1 - s on the label, s / (K - 1) elsewhere
+    # Norm bias (Goldblum et al. 2020) towards ||theta|| = norm_bias_target: the gradient of
+    # norm_bias * |d| (norm_bias_norm 1) or norm_bias / 2 * d^2 (2), d = ||theta||^2 - target^2,
+    # added to the full mean gradient before clipping. 0 turns it off.
+    config.loss.norm_bias = 0.0
+    config.loss.norm_bias_norm = 1
+    config.loss.norm_bias_target = 0.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_epochs = 100  # 0: only at the end
@@ -241,7 +281,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from gdreg.batchnorm import RULES
     from gdreg.data import AUGMENTATIONS, DATASET_NAMES
     from gdreg.fullbatch import BLOCK_LOOPS, MICROBATCH_LOOPS
-    from gdreg.optim import SCHEDULES
+    from gdreg.modifications import LINE_SEARCHES
+    from gdreg.optim import CLIP_NORM_TYPES, MODIFICATIONS, OPTIMIZERS, SCHEDULES
     from gdreg.penalty import METHODS
 
     return {
@@ -252,13 +293,18 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "train.block_loop": ("", *BLOCK_LOOPS),
         "train.batchnorm_statistics": RULES,
         "optim.schedule": SCHEDULES,
+        "optim.name": OPTIMIZERS,
+        "optim.modification": MODIFICATIONS,
+        "optim.clip_norm_type": tuple(CLIP_NORM_TYPES),
+        "optim.line_search": LINE_SEARCHES,
+        "loss.norm_bias_norm": (1, 2),
         "penalty.method": METHODS,
     }
 
 
 def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
     """(holds, field, what it must be) for every numeric field."""
-    data, train, optim = config.data, config.train, config.optim
+    data, train, optim, loss = config.data, config.train, config.optim, config.loss
     return [
         (config.model.width >= 1, "model.width", "must be a positive number of channels"),
         (data.train_size >= 0, "data.train_size", "must be >= 0 (0: all)"),
@@ -281,13 +327,42 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
         (optim.lr > 0, "optim.lr", "must be positive"),
         (optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be non-negative"),
         (
-            optim.schedule != "warmup_cosine" or optim.cosine_epochs > 0,
+            optim.schedule not in ("warmup_cosine", "warmup_linear") or optim.cosine_epochs > 0,
             "optim.cosine_epochs",
-            "must be positive for the warmup_cosine schedule",
+            f"must be positive for the {optim.schedule} schedule",
         ),
         (0 <= optim.momentum < 1, "optim.momentum", "must be in [0, 1)"),
         (optim.weight_decay >= 0, "optim.weight_decay", "must be non-negative"),
         (optim.clip_norm >= 0, "optim.clip_norm", "must be non-negative"),
+        (optim.batch_clip >= 0, "optim.batch_clip", "must be non-negative"),
+        (0 <= optim.adam_b1 < 1, "optim.adam_b1", "must be in [0, 1)"),
+        (0 <= optim.adam_b2 < 1, "optim.adam_b2", "must be in [0, 1)"),
+        (optim.adam_eps >= 0, "optim.adam_eps", "must be non-negative"),
+        (optim.agc_clipping > 0, "optim.agc_clipping", "must be positive"),
+        (optim.agc_eps >= 0, "optim.agc_eps", "must be non-negative"),
+        (optim.trust_coefficient > 0, "optim.trust_coefficient", "must be positive"),
+        (optim.trust_eps >= 0, "optim.trust_eps", "must be non-negative"),
+        (optim.sam_rho > 0, "optim.sam_rho", "must be positive"),
+        (optim.grad_noise_additive >= 0, "optim.grad_noise_additive", "must be non-negative"),
+        (
+            optim.grad_noise_multiplicative >= 0,
+            "optim.grad_noise_multiplicative",
+            "must be non-negative",
+        ),
+        (0 < optim.line_search_slope < 1, "optim.line_search_slope", "must be in (0, 1)"),
+        (0 < optim.line_search_decrease < 1, "optim.line_search_decrease", "must be in (0, 1)"),
+        (optim.line_search_steps >= 0, "optim.line_search_steps", "must be >= 0"),
+        (
+            all(isinstance(m, int) and m >= 0 for m in optim.milestones),
+            "optim.milestones",
+            "must be non-negative integers (epochs after the warmup)",
+        ),
+        (optim.step_gamma > 0, "optim.step_gamma", "must be positive"),
+        (optim.exponential_gamma > 0, "optim.exponential_gamma", "must be positive"),
+        (0 <= optim.cosine_floor <= 1, "optim.cosine_floor", "must be in [0, 1]"),
+        (0 <= loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)"),
+        (loss.norm_bias >= 0, "loss.norm_bias", "must be non-negative"),
+        (loss.norm_bias_target >= 0, "loss.norm_bias_target", "must be non-negative"),
         (config.penalty.strength >= 0, "penalty.strength", "must be non-negative"),
         (config.penalty.full_strength >= 0, "penalty.full_strength", "must be non-negative"),
         (config.penalty.eps > 0, "penalty.eps", "must be positive"),
@@ -367,9 +442,21 @@ STATE_FIELDS = (
     "data.name",
     "data.synthetic_shape",
     "data.synthetic_num_classes",
+    "optim.name",
+    "optim.modification",
+    "optim.weight_decay_linear_only",
 )
-#: Optimizer fields whose switching on or off (0 <-> positive) changes the optimizer's state.
-STATE_SWITCHES = ("optim.momentum", "optim.clip_norm", "optim.weight_decay")
+#: Optimizer fields whose switching on or off (0 <-> positive) changes the optimizer's state
+#: (or, for optim.batch_clip, the per-block penalty's).
+STATE_SWITCHES = (
+    "optim.momentum",
+    "optim.clip_norm",
+    "optim.weight_decay",
+    "optim.batch_clip",
+    "optim.grad_noise_additive",
+    "optim.grad_noise_multiplicative",
+    "loss.norm_bias",
+)
 
 
 def in_fields(field: str, fields: tuple[str, ...]) -> bool:
@@ -415,8 +502,15 @@ def resume_changes(
             f"cannot resume with another {', '.join(refused)} ({describe(refused)}): the "
             "checkpoints hold another state; use a new --workdir"
         )
-    # Only where the run stops: the steps it took and will take stay the same.
-    needs_permission = [field for field in changed if field != "train.epochs"]
+    # Only where the run stops: the steps it took and will take stay the same, unless the
+    # schedule is laid out over the run (warmup_step's default milestones).
+    needs_permission = [
+        field
+        for field in changed
+        if field != "train.epochs"
+        or schedule_follows_epochs(saved)
+        or schedule_follows_epochs(config)
+    ]
     if needs_permission and not allow:
         raise ConfigError(
             f"the config differs from the run's config.json ({describe(needs_permission)}); pass "
@@ -424,6 +518,12 @@ def resume_changes(
             "config_history.jsonl), or use a new --workdir"
         )
     return changed
+
+
+def schedule_follows_epochs(config: ml_collections.ConfigDict) -> bool:
+    """Whether the learning rate of an epoch depends on ``train.epochs``: ``warmup_step``
+    with the reference's milestones (``optim.milestones`` empty: 3/8, 5/8 and 7/8 of the run)."""
+    return config.optim.schedule == "warmup_step" and not config.optim.milestones
 
 
 def check_dataset_fits(config: ml_collections.ConfigDict, num_virtual_images: int) -> None:

@@ -33,9 +33,17 @@ from gdreg import data, epochs
 from gdreg.epochs import EpochPlan, epoch_plan
 from gdreg.evaluate import Evaluator, flip_averaged
 from gdreg.fullbatch import FullBatchGradient
+from gdreg.gradient_transforms import kernel_mask, output_layer_mask
 from gdreg.models import create_model
 from gdreg.models.layers import MOMENTS
-from gdreg.optim import learning_rate_schedule, sgd_chain
+from gdreg.modifications import ArmijoSettings
+from gdreg.optim import (
+    CLIP_NORM_TYPES,
+    clip_by_global_norm,
+    learning_rate_schedule,
+    optimizer_chain,
+    reference_step_milestones,
+)
 from gdreg.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from gdreg.sharding import data_mesh, fetch_replicated, replicate
 from gdreg.types import BatchFn, LossFn, PredictFn, PyTree
@@ -60,11 +68,23 @@ class TrainState(NamedTuple):
 
 
 class Optimizer(NamedTuple):
-    """The learning-rate schedule, the optax chain it drives, and the per-block penalty."""
+    """The learning-rate schedule, the optax chain it drives, the per-block penalty, and the
+    steps that need more than one full-batch evaluation (made by the training loop)."""
 
     schedule: optax.Schedule
     tx: optax.GradientTransformation
+    # The penalty, followed by the per-block clipping when optim.batch_clip > 0.
     penalty: optax.GradientTransformationExtraArgs
+    # optim.modification="sam": the radius of gdreg.modifications.sam_gradient (None: off).
+    sam_rho: float | None = None
+    # optim.line_search="armijo": the settings of gdreg.modifications.armijo_step (None: off).
+    line_search: ArmijoSettings | None = None
+
+
+#: The optimizer fields whose extra full-batch evaluations the training loop (gdreg.train)
+#: makes. ``build`` refuses a config that sets one the loop does not make yet, rather than
+#: training without it.
+LOOP_MODIFICATIONS: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,13 +149,21 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module
         )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, plan: EpochPlan) -> Optimizer:
+def make_optimizer(
+    config: ml_collections.ConfigDict, plan: EpochPlan, num_classes: int | None = None
+) -> Optimizer:
     """The schedule and optax chain of ``config.optim`` and the penalty of ``config.penalty``.
 
     The schedule moves once per epoch (``plan`` maps optimizer steps to epochs); the penalty
-    follows it (its coefficient is ``strength * lr_t / 4``).
+    follows it (its coefficient is ``strength * lr_t / 4``). With
+    ``optim.batch_clip > 0`` every block's penalized gradient is then clipped (the reference's
+    ``batch_clip``, applied after its ``gradreg`` and before the mean): the engine's per-block
+    transform becomes ``optax.chain(penalty, clip)``, which hands ``penalty_grad_fn`` and
+    ``full_grads`` to the penalty and nothing to the clipping. ``num_classes`` identifies the
+    output layer that ``gd_agc`` leaves unclipped (None: every layer is clipped).
     """
-    optim = config.optim
+    optim, loss = config.optim, config.loss
+    norm_type = CLIP_NORM_TYPES[optim.clip_norm_type]
     with config_lib.blame("optim"):
         per_epoch = learning_rate_schedule(
             base_lr=optim.lr,
@@ -143,6 +171,11 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: EpochPlan) -> Optimi
             warmup_epochs=optim.warmup_epochs,
             cosine_epochs=optim.cosine_epochs,
             steps_per_epoch=1 if plan.switch_after else plan.steps[plan.mode],
+            cosine_floor=optim.cosine_floor,
+            milestones=tuple(optim.milestones) or reference_step_milestones(config.train.epochs),
+            step_gamma=optim.step_gamma,
+            exponential_gamma=optim.exponential_gamma,
+            total_epochs=config.train.epochs,
         )
     if plan.switch_after:
 
@@ -152,12 +185,30 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: EpochPlan) -> Optimi
     else:
         schedule = per_epoch
     with config_lib.blame("optim"):
-        tx = sgd_chain(
+        tx = optimizer_chain(
             schedule,
+            name=optim.name,
             momentum=optim.momentum,
             nesterov=optim.nesterov,
             weight_decay=optim.weight_decay,
+            weight_decay_mask=kernel_mask if optim.weight_decay_linear_only else None,
             clip_norm=optim.clip_norm,
+            clip_norm_type=norm_type,
+            adam_b1=optim.adam_b1,
+            adam_b2=optim.adam_b2,
+            adam_eps=optim.adam_eps,
+            agc_clipping=optim.agc_clipping,
+            agc_eps=optim.agc_eps,
+            agc_mask=None if num_classes is None else output_layer_mask(num_classes),
+            modification=optim.modification,
+            trust_coefficient=optim.trust_coefficient,
+            trust_eps=optim.trust_eps,
+            norm_bias=loss.norm_bias,
+            norm_bias_norm=loss.norm_bias_norm,
+            norm_bias_target=loss.norm_bias_target,
+            noise_additive=optim.grad_noise_additive,
+            noise_multiplicative=optim.grad_noise_multiplicative,
+            noise_seed=config.seed,
         )
     with config_lib.blame("penalty"):
         penalty = gradient_norm_penalty(
@@ -167,18 +218,48 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: EpochPlan) -> Optimi
             method=config.penalty.method,
             full_strength=config.penalty.full_strength,
         )
-    return Optimizer(schedule, tx, penalty)
+    if optim.batch_clip > 0:
+        # After the penalty, as the reference clips gradreg's output.
+        penalty = optax.chain(penalty, clip_by_global_norm(optim.batch_clip, norm_type=norm_type))
+    line_search = None
+    if optim.line_search == "armijo":
+        line_search = ArmijoSettings(
+            slope_rtol=optim.line_search_slope,
+            decrease_factor=optim.line_search_decrease,
+            max_backtracking_steps=optim.line_search_steps,
+        )
+    sam_rho = optim.sam_rho if optim.modification == "sam" else None
+    return Optimizer(schedule, tx, penalty, sam_rho=sam_rho, line_search=line_search)
 
 
-def _loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy and accuracy of a block's logits (at least float32)."""
+def _loss_and_accuracy(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and accuracy of a block's logits (at least float32).
+
+    With ``label_smoothing = s > 0`` the targets are the reference's
+    (``LabelSmoothCrossEntropyLoss`` in ``fullbatch/models/modules.py``): ``1 - s`` on the
+    label and ``s / (K - 1)`` on each of the other K - 1 classes, i.e. ``optax.smooth_labels``
+    with ``alpha = s * K / (K - 1)`` (optax spreads ``alpha`` over all K classes)::
+
+        loss = -(1 - s) * log p_y - s / (K - 1) * sum_{k != y} log p_k
+    """
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    num_classes = logits.shape[-1]
+    if label_smoothing and num_classes > 1:
+        alpha = label_smoothing * num_classes / (num_classes - 1)
+        targets = optax.smooth_labels(
+            jax.nn.one_hot(labels, num_classes, dtype=logits.dtype), alpha
+        )
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+    else:
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def make_loss_fn(model: nn.Module) -> LossFn:
-    """Mean cross-entropy of one block in training mode (BatchNorm on the block's statistics)."""
+def make_loss_fn(model: nn.Module, *, label_smoothing: float = 0.0) -> LossFn:
+    """Mean cross-entropy of one block in training mode (BatchNorm on the block's statistics),
+    with the reference's label smoothing (see :func:`_loss_and_accuracy`)."""
 
     def loss_fn(params, model_state, inputs, labels):
         variables = {"params": params, **model_state}
@@ -188,7 +269,7 @@ def make_loss_fn(model: nn.Module) -> LossFn:
             )
         else:
             logits, new_state = model.apply(variables, inputs, train=True), {}
-        loss, accuracy = _loss_and_accuracy(logits, labels)
+        loss, accuracy = _loss_and_accuracy(logits, labels, label_smoothing)
         return loss, (new_state, {"accuracy": accuracy})
 
     return loss_fn
@@ -261,7 +342,7 @@ def make_engine(
 ) -> FullBatchGradient:
     """The sharded full-batch gradient of the model's training loss, with the penalty."""
     return FullBatchGradient(
-        make_loss_fn(model),
+        make_loss_fn(model, label_smoothing=config.loss.label_smoothing),
         train_batch,
         mesh=mesh,
         penalty=penalty,
@@ -397,7 +478,8 @@ def build(
     mesh = data_mesh() if mesh is None else mesh
     config_lib.check_devices_fit(config, mesh.devices.size)
     model = make_model(config, dataset.num_classes)
-    optimizer = make_optimizer(config, plan)
+    optimizer = make_optimizer(config, plan, dataset.num_classes)
+    _check_loop_runs(config, optimizer)
     train_batch, test_batch = make_batch_fns(config, dataset)
     engine = make_engine(config, model, train_batch, optimizer.penalty, mesh)
     statistics_engine = None
@@ -420,6 +502,18 @@ def build(
         plan=plan,
         statistics_engine=statistics_engine,
     )
+
+
+def _check_loop_runs(config: ml_collections.ConfigDict, optimizer: Optimizer) -> None:
+    """Refuses SAM or a line search until the training loop makes their evaluations."""
+    wanted = {"optim.modification": optimizer.sam_rho, "optim.line_search": optimizer.line_search}
+    for field, setting in wanted.items():
+        if setting is not None and field not in LOOP_MODIFICATIONS:
+            raise config_lib.ConfigError(
+                f"{field}={config_lib.get_field(config, field)!r}: not run by this "
+                "version of the training loop (gdreg.modifications has the step; gdreg.train "
+                "does not call it yet)"
+            )
 
 
 def initial_state(run: Run) -> TrainState:
