@@ -318,7 +318,7 @@ def test_training_times_once_and_resumes_with_the_stored_shape(tmp_path, monkeyp
     assert all(np.isfinite(r["train_loss"]) for r in rundir.read_metrics(workdir))
 
 
-def test_stochastic_steps_take_one_block_per_call(tiny, fake_timer, tmp_path):
+def test_stochastic_steps_take_one_block_per_call(tiny, fake_timer, tmp_path, monkeypatch):
     run, state = tiny
     config = tiny_config()
     config.train.mode = "stochastic"
@@ -326,8 +326,10 @@ def test_stochastic_steps_take_one_block_per_call(tiny, fake_timer, tmp_path):
     sgd = experiment.build(config, run.dataset)
     chosen = autotune.choose_loop_shape(sgd, state, str(tmp_path))
     assert shape_of(chosen.engine) == DEFAULT_CPU and fake_timer.calls == []
-    # The default without timing is one block per call on any backend.
+    # Without timing on a GPU: 4 blocks per call in full batch, 1 (no padding blocks) for SGD.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert experiment.loop_settings(config)["blocks_per_microbatch"] == 1
+    assert experiment.loop_settings(tiny_config())["blocks_per_microbatch"] == 4
 
 
 # ----- several processes --------------------------------------------------------------------
