@@ -75,9 +75,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Stop once the last K epochs all reached 100% training accuracy (0: never), as the
     # reference's stop_at_full_training_accuracy.
     config.train.stop_at_full_accuracy = 0
-    config.train.blocks_per_microbatch = 0  # 0: backend default (1 on CPU, 4 on GPU)
-    config.train.microbatch_loop = ""  # python | scan; "": backend default
-    config.train.block_loop = ""  # unroll | vmap; "": backend default
+    # The engine's loop shape (speed only; gdreg.autotune). Left at 0 / "", a knob is timed
+    # per train.autotune or takes the backend default (1 block per call on CPU, 4 on GPU;
+    # python; unroll).
+    config.train.blocks_per_microbatch = 0  # blocks per compiled call; 0: tuned or default
+    config.train.microbatch_loop = ""  # python | scan; "": tuned or default
+    config.train.block_loop = ""  # unroll | vmap; "": tuned or default
+    # Time the loop shapes not set above before training (stored in WORKDIR/loop_shape.json
+    # and reused on resume): auto (on GPU/TPU; CPU takes the defaults) | on | off (defaults).
+    config.train.autotune = "auto"
+    config.train.autotune_seconds = 30.0  # no new candidate is timed after this many seconds
     config.train.cpu_devices = 0  # CPU backend: devices to split the host into; 0: auto
     # How the BatchNorm statistics of a step's forward passes become the running statistics
     # that evaluation uses (gdreg.batchnorm): reference (the reference implementation's
@@ -278,6 +285,7 @@ def paper_config(model: str, row: str, dataset: str = "cifar10") -> ml_collectio
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the fields that name a choice, from the modules that own them."""
+    from gdreg.autotune import AUTOTUNE_MODES
     from gdreg.batchnorm import RULES
     from gdreg.data import AUGMENTATIONS, DATASET_NAMES
     from gdreg.fullbatch import BLOCK_LOOPS, MICROBATCH_LOOPS
@@ -291,6 +299,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "train.mode": MODES,
         "train.microbatch_loop": ("", *MICROBATCH_LOOPS),  # "": the backend's default
         "train.block_loop": ("", *BLOCK_LOOPS),
+        "train.autotune": AUTOTUNE_MODES,
         "train.batchnorm_statistics": RULES,
         "optim.schedule": SCHEDULES,
         "optim.name": OPTIMIZERS,
@@ -324,6 +333,7 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
         (train.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (train.blocks_per_microbatch >= 0, "train.blocks_per_microbatch", "must be >= 0"),
         (train.cpu_devices >= 0, "train.cpu_devices", "must be >= 0"),
+        (train.autotune_seconds >= 0, "train.autotune_seconds", "must be >= 0"),
         (optim.lr > 0, "optim.lr", "must be positive"),
         (optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be non-negative"),
         (
@@ -412,14 +422,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{field} {message}, got {get_field(config, field)!r}")
 
 
-def require_full_batch(config: ml_collections.ConfigDict, program: str) -> None:
-    """For programs that time or scan full-batch steps only (``gdreg.bench``)."""
-    if config.train.mode != "fullbatch":
-        raise ConfigError(
-            f"train.mode={config.train.mode!r}: {program} works on full-batch steps only"
-        )
-
-
 #: Fields that change how a run executes or is logged, never what it computes. They may
 #: change when a run resumes, and runs that differ only in them are seeds of one table row.
 RUNTIME_FIELDS = (
@@ -428,6 +430,8 @@ RUNTIME_FIELDS = (
     "train.blocks_per_microbatch",
     "train.microbatch_loop",
     "train.block_loop",
+    "train.autotune",
+    "train.autotune_seconds",
     "train.cpu_devices",
     "eval.every_epochs",
     "eval.batch_size",

@@ -320,14 +320,18 @@ def make_batch_fns(
 
 
 def loop_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The engine's loop knobs; "" / 0 in the config pick the backend's default.
+    """The engine's loop knobs without timing; "" / 0 in the config pick the backend's default.
 
     One block per call in a Python loop on CPU (XLA:CPU runs convolutions inside loop bodies on
-    a slow path); four blocks per call on GPUs, where small blocks are launch-bound.
+    a slow path); four blocks per call on GPUs, where small blocks are launch-bound. A
+    stochastic step is one block: more per call would only add zero-weight padding blocks.
+    :mod:`gdreg.autotune` times the alternatives.
     """
-    on_cpu = jax.default_backend() == "cpu"
+    one_block = jax.default_backend() == "cpu" or (
+        config.train.mode == "stochastic" and not config.train.switch_mode_after
+    )
     return {
-        "blocks_per_microbatch": config.train.blocks_per_microbatch or (1 if on_cpu else 4),
+        "blocks_per_microbatch": config.train.blocks_per_microbatch or (1 if one_block else 4),
         "microbatch_loop": config.train.microbatch_loop or "python",
         "block_loop": config.train.block_loop or "unroll",
     }

@@ -2,6 +2,7 @@
 
     WORKDIR/config.json       the resolved configuration (written at start-up)
     WORKDIR/config_history.jsonl   changes made when resuming (--allow_config_change)
+    WORKDIR/loop_shape.json   the engine's loop shape the run trains with (gdreg.autotune)
     WORKDIR/.lock             held by the run using the directory (host, pid, since)
     WORKDIR/metrics.jsonl     one JSON object per epoch, with at least ``epoch``
     WORKDIR/tensorboard/      the same metrics as TensorBoard events (gdreg.summaries)
@@ -37,6 +38,9 @@ DAMAGED_CHECKPOINT_DIR = "damaged_checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 LOCK_FILE = ".lock"
+LOOP_SHAPE_FILE = "loop_shape.json"
+#: The fields of loop_shape.json that fix the engine's loop (the rest is for the reader).
+LOOP_SHAPE_FIELDS = {"blocks_per_microbatch": int, "microbatch_loop": str, "block_loop": str}
 
 
 class RunDirError(Exception):
@@ -134,6 +138,48 @@ def flatten(tree: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "
         else:
             flat[name] = tuple(value) if isinstance(value, list) else value
     return flat
+
+
+# ----- loop_shape.json ----------------------------------------------------------------------
+
+
+def loop_shape_path(workdir: str) -> str:
+    return os.path.join(workdir, LOOP_SHAPE_FILE)
+
+
+def write_loop_shape(workdir: str, values: Mapping[str, Any]) -> None:
+    """Writes the loop shape ``values`` (at least :data:`LOOP_SHAPE_FIELDS`) atomically."""
+    _replace(loop_shape_path(workdir), json.dumps(dict(values), indent=2, sort_keys=True) + "\n")
+
+
+def read_loop_shape(workdir: str) -> dict[str, Any] | None:
+    """The run's ``loop_shape.json`` (None if there is none).
+
+    Raises :class:`RunDirError` when it is not a JSON object with :data:`LOOP_SHAPE_FIELDS` of
+    their types (a positive ``blocks_per_microbatch``).
+    """
+    path = loop_shape_path(workdir)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as handle:
+            values = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise RunDirError(f"{path}: not JSON ({error})") from None
+    wrong = [
+        field
+        for field, kind in LOOP_SHAPE_FIELDS.items()
+        if not isinstance(values, dict)
+        or type(values.get(field)) is not kind
+        or (kind is int and values[field] < 1)
+    ]
+    if wrong:
+        raise RunDirError(
+            f"{path}: not a loop shape ({', '.join(wrong)} missing or wrong); restore it or set "
+            "the loop fields train.blocks_per_microbatch, train.microbatch_loop, "
+            "train.block_loop to the values the run trained with"
+        )
+    return values
 
 
 # ----- metrics.jsonl ------------------------------------------------------------------------

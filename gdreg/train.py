@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gdreg import checkpoint, distributed, rundir, summaries
+from gdreg import autotune, checkpoint, distributed, rundir, summaries
 from gdreg.config import as_flag, describe_changes, resume_changes
 from gdreg.experiment import (
     Run,
@@ -309,6 +309,8 @@ def _train(
             rundir.append_config_history(workdir, start_epoch, changes)
         rundir.write_config(workdir, config)
     state = replicate(host_state, run.mesh)
+    # The engine's loop shape: stored in the workdir, else timed (gdreg.autotune).
+    run = autotune.choose_loop_shape(run, state, workdir)
     metrics_writer = rundir.MetricsWriter(workdir, start_epoch, enabled=is_first_process)
     tensorboard = summaries.TensorBoardWriter(
         workdir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,105 @@ def test_bench_prints_one_line_per_dataset_size():
     if 8 % distributed.usable_cores() == 0 and 4 % distributed.usable_cores() == 0:
         ratio = float(rows[1]["tflop_per_step"]) / float(rows[0]["tflop_per_step"])
         assert abs(ratio - 2.0) < 2e-3
+
+
+def test_sweep_prints_every_candidate_and_times_the_fastest():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "gdreg.bench", "--config=configs/resnet18_fb.py:strong"]
+    command += ["--config.model.name=convnet1", "--config.model.width=4"]
+    command += ["--config.data.synthetic_shape=(8,8,3)", "--config.train.block_size=8"]
+    command += ["--config.train.cpu_devices=2", "--images=32"]
+    command += ["--config.penalty.strength=0"]  # the loops, not the penalty, are timed here
+    # A tiny budget: the first candidate is timed, the others may be skipped.
+    command += ["--sweep", "--config.train.autotune_seconds=2"]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    def fields(line):
+        return dict(field.split("=", 1) for field in line.split()[1:])
+
+    lines = result.stdout.splitlines()
+    sweep = [fields(line) for line in lines if line.startswith("sweep ")]
+    # 4 blocks on 2 devices: 1 block per call (Python loop or scan), or 2 (unrolled or vmapped).
+    shapes = [(s["blocks_per_microbatch"], s["microbatch_loop"], s["block_loop"]) for s in sweep]
+    assert shapes == [
+        ("1", "python", "unroll"),
+        ("1", "scan", "unroll"),
+        ("2", "python", "unroll"),
+        ("2", "python", "vmap"),
+    ]
+    timed = [s for s in sweep if "seconds_per_step" in s]
+    assert timed and timed[0] is sweep[0]  # the default is timed first
+    assert all(s["skipped"] == "budget_spent" for s in sweep if s not in timed)
+    best = min(timed, key=lambda s: float(s["seconds_per_step"]))
+    (chosen,) = [fields(line) for line in lines if line.startswith("chosen ")]
+    for key in ("blocks_per_microbatch", "microbatch_loop", "block_loop"):
+        assert chosen[key] == best[key]
+    assert chosen["by"] == "fastest" and not any(line.startswith("model=") for line in lines)
+
+
+def test_stochastic_configs_time_an_epoch_of_minibatches():
+    from problems import tiny_run_config
+
+    from gdreg import bench
+
+    config = tiny_run_config()
+    config.train.mode = "stochastic"
+    config.train.batch_size = 16
+    config.penalty.strength = 0.0
+    row = bench.bench_one(config, 64, steps=1, flops=False)
+    assert row["mode"] == "stochastic" and row["batch"] == 16 and row["images"] == 64
+    assert row["blocks_per_microbatch"] == 1 and row["method"] == "none" and "block" not in row
+    # 4 minibatch steps per epoch of 64 images.
+    assert (
+        abs(row["seconds_per_step"] * 4 - row["seconds_per_epoch"])
+        <= 1e-5 + 1e-3 * (row["seconds_per_epoch"])
+    )
+    expected_rate = 64 / row["seconds_per_epoch"]
+    assert abs(row["images_per_second"] - expected_rate) <= 0.01 * expected_rate
+
+
+def test_gpu_bench_script_sweeps_then_times_the_chosen_shape(tmp_path):
+    """launch/gpu_bench.sh with a stub interpreter that records its calls."""
+    stub, calls = tmp_path / "python", tmp_path / "calls"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {calls}\n'
+        'if [[ "$*" == *--sweep* ]]; then\n'
+        "  echo 'chosen images=50000 blocks_per_microbatch=8 microbatch_loop=scan "
+        "block_loop=vmap by=fastest'\n"
+        "fi\n"
+    )
+    stub.chmod(stat.S_IRWXU)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHON=str(stub), STEPS="2")
+    result = subprocess.run(
+        [str(REPO / "launch" / "gpu_bench.sh"), "--noflops"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    bench = [line.split() for line in calls.read_text().splitlines() if line.startswith("-m ")]
+    chosen = [
+        "--config.train.blocks_per_microbatch=8",
+        "--config.train.microbatch_loop=scan",
+        "--config.train.block_loop=vmap",
+    ]
+    expected = []
+    for dtype in ("float32", "bfloat16"):
+        for block in (128, 32):
+            bench_run = ["-m", "gdreg.bench", "--config", "configs/resnet18_fb.py:regularized"]
+            bench_run += [f"--config.train.block_size={block}", f"--config.model.dtype={dtype}"]
+            bench_run += ["--images", "50000"]
+            sweep = ["--sweep", "--config.train.autotune_seconds=900", "--noflops"]
+            expected += [[*bench_run, *sweep], [*bench_run, *chosen, "--steps", "2", "--noflops"]]
+    for dtype in ("float32", "bfloat16"):
+        sgd = ["-m", "gdreg.bench", "--config", "configs/resnet18_fb.py:sgd"]
+        sgd += [f"--config.model.dtype={dtype}", "--images", "50000", "--steps", "2", "--noflops"]
+        expected.append(sgd)
+    assert bench == expected
+    assert "== SGD, batch 128, bfloat16" in result.stdout

@@ -96,6 +96,8 @@ def test_paper_config_arguments():
         ("data.padding", -2),
         ("train.mode", "online"),
         ("train.block_loop", "spin"),
+        ("train.autotune", "sometimes"),
+        ("train.autotune_seconds", -1.0),
         ("optim.lr", -0.1),
         ("optim.schedule", "step"),
         ("penalty.method", "backward"),

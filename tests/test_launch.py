@@ -150,7 +150,14 @@ def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
 
 
 # What a finished run leaves in its workdir (process 0 writes all of it).
-RUN_DIR_CONTENTS = [".lock", "checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
+RUN_DIR_CONTENTS = [
+    ".lock",
+    "checkpoints",
+    "config.json",
+    "loop_shape.json",
+    "metrics.jsonl",
+    "tensorboard",
+]
 
 
 def _assert_single_writer(workdir: Path) -> None:

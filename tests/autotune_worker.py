@@ -1,0 +1,64 @@
+"""One process of the two-process autotuning test: python autotune_worker.py ID PORT OUT.
+
+Each process has 2 CPU devices; together they form a 4-device mesh over loopback. The timer
+is faked differently on each process (another fastest shape, another budget, an out-of-memory
+candidate on process 1 only); every process must end with process 0's decisions.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax
+
+process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=60,
+)
+sys.path.insert(0, os.path.dirname(__file__))
+import problems  # noqa: E402
+
+from gdreg import autotune  # noqa: E402
+from gdreg.autotune import LoopShape  # noqa: E402
+from gdreg.fullbatch import FullBatchGradient, block_layout  # noqa: E402
+from gdreg.sharding import data_mesh  # noqa: E402
+
+assert jax.device_count() == 4, jax.devices()
+FASTEST = {0: LoopShape(2, "python", "vmap"), 1: LoopShape(1, "scan", "unroll")}[process_id]
+OUT_OF_MEMORY = LoopShape(2, "python", "vmap")
+
+
+def fake_time_shape(engine, arguments, layout, steps):
+    shape = LoopShape(engine.blocks_per_microbatch, engine.microbatch_loop, engine.block_loop)
+    if process_id == 1 and shape == OUT_OF_MEMORY:
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory (fake)")
+    return 0.0, 1.0 if shape == FASTEST else 2.0
+
+
+autotune._time_shape = fake_time_shape
+engine = FullBatchGradient(problems.loss_fn, problems.batch_fn, mesh=data_mesh())
+layout = block_layout(problems.NUM_IMAGES, problems.BLOCK_SIZE)  # 8 blocks, 2 per device
+default = LoopShape(1, "python", "unroll")
+shapes = autotune.candidate_shapes({}, 2, default)
+arguments = autotune.EngineArguments(None, None, None, None, 0)
+# Process 1 alone would time nothing.
+budget = 1e9 if process_id == 0 else 0.0
+trials = autotune.time_loop_shapes(engine, arguments, layout, shapes, budget_seconds=budget)
+choice = autotune.fastest(trials, default)
+stored = autotune._broadcast_shape(LoopShape(4, "scan", "vmap") if process_id == 0 else None)
+with open(out, "w") as handle:
+    json.dump(
+        {
+            "choice": list(choice),
+            "stored": list(stored),
+            "table": [trial.describe() for trial in trials],
+        },
+        handle,
+    )
+jax.distributed.shutdown()
