@@ -363,6 +363,11 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
         (0 < optim.line_search_decrease < 1, "optim.line_search_decrease", "must be in (0, 1)"),
         (optim.line_search_steps >= 0, "optim.line_search_steps", "must be >= 0"),
         (
+            optim.line_search == "none" or not _has_stochastic(train),
+            "optim.line_search",
+            "runs on full-batch epochs only, and this run has stochastic ones",
+        ),
+        (
             all(isinstance(m, int) and m >= 0 for m in optim.milestones),
             "optim.milestones",
             "must be non-negative integers (epochs after the warmup)",

@@ -81,12 +81,6 @@ class Optimizer(NamedTuple):
     line_search: ArmijoSettings | None = None
 
 
-#: The optimizer fields whose extra full-batch evaluations the training loop (gdreg.train)
-#: makes. ``build`` refuses a config that sets one the loop does not make yet, rather than
-#: training without it.
-LOOP_MODIFICATIONS: frozenset[str] = frozenset()
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run:
     """Everything built from the config before the first step."""
@@ -483,7 +477,6 @@ def build(
     config_lib.check_devices_fit(config, mesh.devices.size)
     model = make_model(config, dataset.num_classes)
     optimizer = make_optimizer(config, plan, dataset.num_classes)
-    _check_loop_runs(config, optimizer)
     train_batch, test_batch = make_batch_fns(config, dataset)
     engine = make_engine(config, model, train_batch, optimizer.penalty, mesh)
     statistics_engine = None
@@ -506,18 +499,6 @@ def build(
         plan=plan,
         statistics_engine=statistics_engine,
     )
-
-
-def _check_loop_runs(config: ml_collections.ConfigDict, optimizer: Optimizer) -> None:
-    """Refuses SAM or a line search until the training loop makes their evaluations."""
-    wanted = {"optim.modification": optimizer.sam_rho, "optim.line_search": optimizer.line_search}
-    for field, setting in wanted.items():
-        if setting is not None and field not in LOOP_MODIFICATIONS:
-            raise config_lib.ConfigError(
-                f"{field}={config_lib.get_field(config, field)!r}: not run by this "
-                "version of the training loop (gdreg.modifications has the step; gdreg.train "
-                "does not call it yet)"
-            )
 
 
 def initial_state(run: Run) -> TrainState:

@@ -22,6 +22,8 @@ raises before anything reaches a checkpoint (:func:`gdreg.train.run_epoch`).
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,8 +33,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gdreg.fullbatch import FullBatchGradient
-from gdreg.sharding import DATA_AXIS
+from gdreg import modifications
+from gdreg.fullbatch import FullBatchGradient, FullBatchResult
+from gdreg.sharding import DATA_AXIS, fetch_replicated
 from gdreg.types import PyTree
 
 #: The per-step metrics a step returns (summed over the steps of an epoch in stochastic mode).
@@ -48,10 +51,37 @@ STEP_METRICS = (
 )
 
 
-def guarded_update(
-    tx: optax.GradientTransformation,
+def step_metrics(
     schedule: optax.Schedule,
     clip_norm: float,
+    clip_norm_type: float,
+    params: PyTree,
+    grads: PyTree,
+    metrics: dict[str, jax.Array],
+    step: jax.Array,
+) -> dict[str, jax.Array]:
+    """The figures of one step (:data:`STEP_METRICS`) from the engine's ``metrics``:
+    ``lr = schedule(step)``, ``clipped = clip_norm > 0 and ||g||_q > clip_norm`` (``q`` =
+    ``clip_norm_type``, 2 or inf, the norm the clipping uses) and ``param_sq_norm =
+    ||theta||^2`` before the update (the reference's ``param_norm``)."""
+    dtype = metrics["loss"].dtype
+    norm = metrics["grad_norm"]
+    if clip_norm_type == float("inf"):
+        norm = max(jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(grads))
+    figures = {key: metrics[key] for key in ("loss", "accuracy", "block_grad_sq_norm")}
+    figures.update(
+        grad_norm=metrics["grad_norm"],
+        lr=jnp.asarray(schedule(step), dtype),
+        clipped=jnp.asarray((clip_norm > 0) & (norm > clip_norm), dtype),
+        param_sq_norm=jnp.asarray(optax.tree.norm(params, squared=True), dtype),
+        images=jnp.asarray(metrics["images"], dtype),
+    )
+    return figures
+
+
+def guarded_update(
+    tx: optax.GradientTransformation,
+    figures: Callable[..., dict[str, jax.Array]],
     state: tuple[PyTree, PyTree, PyTree, PyTree],
     result: tuple[PyTree, PyTree, PyTree, dict[str, jax.Array]],
     step: jax.Array,
@@ -60,11 +90,10 @@ def guarded_update(
     """One optimizer update, applied only while every step so far was finite.
 
     ``state``: (params, opt_state, model_state, penalty_state) before the step; ``result``:
-    (grads, model_state, penalty_state, engine metrics) of the step's gradient. Returns the
-    state after the step (the old one where the step is not applied), the step's metrics
-    (:data:`STEP_METRICS`: ``lr = schedule(step)``, ``clipped = clip_norm > 0 and
-    ||g|| > clip_norm``, ``param_sq_norm = ||theta||^2`` before the update, the reference's
-    ``param_norm``) and ``healthy and the step's loss and ||g|| are finite``.
+    (grads, model_state, penalty_state, engine metrics) of the step's gradient; ``figures``:
+    :func:`step_metrics` without its last four arguments. Returns the state after the step
+    (the old one where the step is not applied), the step's metrics and ``healthy and the
+    step's loss and ||g|| are finite``.
     """
     params, opt_state, _, _ = state
     grads, model_state, penalty_state, metrics = result
@@ -73,16 +102,28 @@ def guarded_update(
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_state = (optax.apply_updates(params, updates), new_opt_state, model_state, penalty_state)
     kept = jax.tree.map(lambda new, old: jnp.where(healthy, new, old), new_state, state)
-    dtype = metrics["loss"].dtype
-    step_metrics = {key: metrics[key] for key in ("loss", "accuracy", "block_grad_sq_norm")}
-    step_metrics.update(
-        grad_norm=metrics["grad_norm"],
-        lr=jnp.asarray(schedule(step), dtype),
-        clipped=jnp.asarray((clip_norm > 0) & (metrics["grad_norm"] > clip_norm), dtype),
-        param_sq_norm=jnp.asarray(optax.tree.norm(params, squared=True), dtype),
-        images=jnp.asarray(metrics["images"], dtype),
+    return kept, figures(params, grads, metrics, step), healthy
+
+
+def _perturbed(params: PyTree, grads: PyTree, rho: float) -> PyTree:
+    """SAM's ascent point ``params + rho * g / (||g|| + 1e-12)``."""
+    return jax.tree.map(
+        lambda p, e: p + e.astype(p.dtype), params, modifications.sam_perturbation(grads, rho)
     )
-    return kept, step_metrics, healthy
+
+
+def _with_metrics_at_params(
+    result: FullBatchResult, at_params: FullBatchResult
+) -> tuple[PyTree, PyTree, PyTree, dict[str, jax.Array]]:
+    """SAM's step: the gradient and statistics of the ascent point, the penalty state and the
+    loss, accuracy and block gradient norms of the evaluation at the parameters."""
+    metrics = dict(result.metrics)
+    metrics.update({key: at_params.metrics[key] for key in REPORTED_AT_PARAMS})
+    return result.grads, result.model_state, at_params.penalty_state, metrics
+
+
+#: The metrics that SAM reports from its evaluation at the parameters, not the ascent point.
+REPORTED_AT_PARAMS = ("loss", "accuracy", "block_grad_sq_norm")
 
 
 def _moving_average(ema: PyTree, current: PyTree, momentum: jax.Array) -> PyTree:
@@ -109,18 +150,31 @@ class TrainStep:
         schedule: optax.Schedule,
         *,
         clip_norm: float,
+        clip_norm_type: float = 2.0,
+        sam_rho: float | None = None,
+        line_search: modifications.ArmijoSettings | None = None,
     ) -> None:
         self.engine = engine
         self.mesh = engine.mesh
-        update = functools.partial(guarded_update, tx, schedule, clip_norm)
+        self.tx = tx
+        self.sam_rho = sam_rho
+        self.line_search = line_search
+        self._forward: FullBatchGradient | None = None  # the line search's loss (lazily)
+        figures = functools.partial(step_metrics, schedule, clip_norm, clip_norm_type)
+        update = functools.partial(guarded_update, tx, figures)
 
-        def fused(state, carry, model_state, penalty_state, step, block_size):
+        def fused(state, carry, model_state, penalty_state, step, block_size, at_params):
             grads, model_state, metrics = engine.reduce(carry, model_state)
             metrics["images"] = metrics.pop("blocks") * block_size
+            if at_params is not None:  # SAM: carry is the evaluation at the ascent point
+                metrics.update(at_params)
             result = (grads, model_state, penalty_state, metrics)
             return update(state, result, step, jnp.asarray(True))
 
         self._fused = jax.jit(fused, donate_argnums=1)
+        self._perturbed = jax.jit(functools.partial(_perturbed, rho=sam_rho or 0.0))
+        self._figures = jax.jit(figures)
+        self._tx_update = jax.jit(tx.update)
 
         split = NamedSharding(self.mesh, P(DATA_AXIS))
         batch_fn = engine.batch_fn
@@ -138,6 +192,16 @@ class TrainStep:
             result = minibatch_engine.single_block(
                 params, model_state, penalty_state, data, indices, epoch
             )
+            if sam_rho is not None:
+                ascent = minibatch_engine.single_block(
+                    _perturbed(params, result.grads, sam_rho),
+                    result.model_state,
+                    penalty_state,
+                    data,
+                    indices,
+                    epoch,
+                )
+                result = _with_metrics_at_params(ascent, result)
             step = first_step + index
             was_healthy = healthy
             state, metrics, healthy = update(state, tuple(result), step, healthy)
@@ -163,10 +227,19 @@ class TrainStep:
         Returns the new state, the step's metrics and whether it was applied (device arrays;
         nothing is read back).
         """
+        if self.line_search is not None:
+            return self._line_search_step(state, data, block_indices, step, epoch)
         params, _, model_state, penalty_state = state
+        at_params = None
+        if self.sam_rho is not None:
+            first = self.engine(params, model_state, penalty_state, data, block_indices, epoch)
+            at_params = {key: first.metrics[key] for key in REPORTED_AT_PARAMS}
+            params, model_state = self._perturbed(params, first.grads), first.model_state
         carry, new_penalty_state, model_state = self.engine.accumulate(
             params, model_state, penalty_state, data, block_indices, epoch
         )
+        if self.sam_rho is not None:
+            new_penalty_state = first.penalty_state  # one penalty update per step
         return self._fused(
             state,
             carry,
@@ -174,7 +247,37 @@ class TrainStep:
             new_penalty_state,
             jnp.asarray(step, jnp.int32),
             jnp.asarray(np.shape(block_indices)[1], jnp.int32),
+            at_params,
         )
+
+    def _line_search_step(self, state, data, block_indices, step, epoch):
+        """:meth:`fullbatch` with the Armijo line search (:func:`gdreg.modifications.armijo_step`)
+        along the optimizer's update: backtracks from the update ``tx`` proposes (learning
+        rate included) on the full-batch training loss (forward-only engine calls, train mode,
+        the step's blocks and augmentation). The host reads each trial's loss."""
+        params, opt_state, model_state, penalty_state = state
+        result = self.engine(params, model_state, penalty_state, data, block_indices, epoch)
+        step = jnp.asarray(step, jnp.int32)
+        metrics = self._figures(params, result.grads, result.metrics, step)
+        loss = float(fetch_replicated(metrics["loss"]))
+        if not (
+            math.isfinite(loss) and math.isfinite(float(fetch_replicated(metrics["grad_norm"])))
+        ):
+            return state, metrics, jnp.asarray(False)
+        updates, new_opt_state = self._tx_update(result.grads, opt_state, params)
+        if self._forward is None:
+            self._forward = self.engine.forward_only()
+
+        def loss_fn(candidate):
+            evaluation = self._forward(candidate, model_state, None, data, block_indices, epoch)
+            return float(fetch_replicated(evaluation.metrics["loss"]))
+
+        search = modifications.armijo_step(
+            loss_fn, params, updates, result.grads, value=loss, settings=self.line_search
+        )
+        metrics["line_search_step"] = jnp.asarray(search.step_size, metrics["loss"].dtype)
+        new_state = (search.params, new_opt_state, result.model_state, result.penalty_state)
+        return new_state, metrics, jnp.asarray(True)
 
     def stochastic_epoch(
         self,

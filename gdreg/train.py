@@ -34,6 +34,7 @@ from gdreg.experiment import (
     initial_state,
     recompute_statistics,
 )
+from gdreg.optim import CLIP_NORM_TYPES
 from gdreg.preemption import StopRequest
 from gdreg.progress import ProgressBar
 from gdreg.rundir import RunDirError
@@ -54,8 +55,15 @@ class Preempted(Exception):
 
 def make_step(run: Run) -> TrainStep:
     """The run's training step (:mod:`gdreg.step`): gradient, optimizer update and metrics."""
+    optim = run.config.optim
     return TrainStep(
-        run.engine, run.optimizer.tx, run.optimizer.schedule, clip_norm=run.config.optim.clip_norm
+        run.engine,
+        run.optimizer.tx,
+        run.optimizer.schedule,
+        clip_norm=optim.clip_norm,
+        clip_norm_type=CLIP_NORM_TYPES[optim.clip_norm_type],
+        sam_rho=run.optimizer.sam_rho,
+        line_search=run.optimizer.line_search,
     )
 
 
@@ -142,6 +150,8 @@ def run_epoch(run: Run, state: TrainState, step: TrainStep) -> tuple[TrainState,
     record.update(
         reference_metrics(record, mean["param_sq_norm"], run.config.optim.weight_decay, strength)
     )
+    if "line_search_step" in mean:  # the step size the Armijo search accepted
+        record["line_search_step"] = mean["line_search_step"]
     new_state = TrainState(
         epoch=np.asarray(epoch + 1, np.int32),
         params=params,

@@ -754,16 +754,6 @@ def tiny_config():
     return config
 
 
-@pytest.mark.parametrize(
-    ("field", "value"), [("optim.modification", "sam"), ("optim.line_search", "armijo")]
-)
-def test_sam_and_line_search_are_refused_until_the_loop_makes_them(field, value):
-    config = tiny_config()
-    config_lib.set_field(config, field, value)
-    with pytest.raises(config_lib.ConfigError, match=re.escape(field)):
-        experiment.build(config)
-
-
 def test_a_run_with_every_knob_on_takes_a_finite_step():
     """AdamW with LARC, clipping in the infinity norm, per-block clipping after the penalty,
     both noises, weight decay on kernels only, label smoothing, norm bias, a step schedule:
