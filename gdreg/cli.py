@@ -45,7 +45,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """``absl.app.run``'s ``flags_parser``: parses ``argv`` or exits 2 with one ``error:`` line."""
     try:
         remaining = flags.FLAGS(argv)
-        if "config" in flags.FLAGS:
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:  # optional: precision
             flags.FLAGS.config.keys()  # the file loads on first use: load it here
         return remaining
     except Exception as error:  # absl's flags.Error, or anything loading --config raised
@@ -90,3 +90,4 @@ train = _program("gdreg.main", "gdreg-train")
 report = _program("gdreg.report", "gdreg-report")
 landscape = _program("gdreg.landscape", "gdreg-landscape")
 bench = _program("gdreg.bench", "gdreg-bench")
+precision = _program("gdreg.precision", "gdreg-precision")

@@ -167,6 +167,18 @@ def base_config() -> ml_collections.ConfigDict:
     # False ends with an error, True starts the run again from epoch 0.
     config.checkpoint.restart_if_damaged = False
 
+    # Analysis metrics (gdreg.analysis) in metrics.jsonl: norms, the spread of the block
+    # gradients and the gradient noise scale, and optionally the reference's flatness probe.
+    config.analysis = ml_collections.ConfigDict()
+    config.analysis.every_epochs = 0  # 0: off; else every N epochs and at the end
+    # Flatness: steps of flatness_step_size along a filter-normalized random direction until
+    # the evaluation-mode training loss exceeds flatness_threshold (at most flatness_max_steps
+    # steps, each a forward pass over the training set).
+    config.analysis.flatness = False
+    config.analysis.flatness_step_size = 0.1
+    config.analysis.flatness_threshold = 1.0
+    config.analysis.flatness_max_steps = 100
+
     config.log = ml_collections.ConfigDict()
     config.log.progress = True  # progress bar on the console
     config.log.tensorboard = True  # WORKDIR/tensorboard event files (gdreg.summaries)
@@ -398,6 +410,18 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
         (config.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
         (config.checkpoint.every_epochs >= 0, "checkpoint.every_epochs", "must be >= 0"),
         (config.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1"),
+        (config.analysis.every_epochs >= 0, "analysis.every_epochs", "must be >= 0 (0: off)"),
+        (
+            config.analysis.flatness_step_size > 0,
+            "analysis.flatness_step_size",
+            "must be positive",
+        ),
+        (
+            config.analysis.flatness_threshold > 0,
+            "analysis.flatness_threshold",
+            "must be positive (a cross-entropy)",
+        ),
+        (config.analysis.flatness_max_steps >= 1, "analysis.flatness_max_steps", "must be >= 1"),
     ]
 
 
@@ -442,6 +466,7 @@ RUNTIME_FIELDS = (
     "eval.batch_size",
     "checkpoint",
     "log",
+    "analysis",  # measures the state, changes nothing
 )
 #: Fields that decide the shapes of the checkpointed state: a resumed run cannot change them.
 STATE_FIELDS = (

@@ -1,5 +1,5 @@
 """Exit codes of gdreg's programs (``gdreg.main``, ``gdreg.landscape``, ``gdreg.report``,
-``gdreg.bench``).
+``gdreg.bench``, ``gdreg.precision``).
 
 ``launch/slurm.sbatch`` requeues a job on :data:`PREEMPTED`; scripts may test the others.
 """

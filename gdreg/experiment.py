@@ -226,7 +226,7 @@ def make_optimizer(
     return Optimizer(schedule, tx, penalty, sam_rho=sam_rho, line_search=line_search)
 
 
-def _loss_and_accuracy(
+def loss_and_accuracy(
     logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy and accuracy of a block's logits (at least float32).
@@ -253,7 +253,7 @@ def _loss_and_accuracy(
 
 def make_loss_fn(model: nn.Module, *, label_smoothing: float = 0.0) -> LossFn:
     """Mean cross-entropy of one block in training mode (BatchNorm on the block's statistics),
-    with the reference's label smoothing (see :func:`_loss_and_accuracy`)."""
+    with the reference's label smoothing (see :func:`loss_and_accuracy`)."""
 
     def loss_fn(params, model_state, inputs, labels):
         variables = {"params": params, **model_state}
@@ -263,7 +263,7 @@ def make_loss_fn(model: nn.Module, *, label_smoothing: float = 0.0) -> LossFn:
             )
         else:
             logits, new_state = model.apply(variables, inputs, train=True), {}
-        loss, accuracy = _loss_and_accuracy(logits, labels, label_smoothing)
+        loss, accuracy = loss_and_accuracy(logits, labels, label_smoothing)
         return loss, (new_state, {"accuracy": accuracy})
 
     return loss_fn
@@ -368,7 +368,7 @@ def make_statistics_engine(engine: FullBatchGradient, model: nn.Module) -> FullB
         logits, moments = model.apply(
             {"params": params, **estimate}, inputs, train=False, mutable=[MOMENTS]
         )
-        loss, accuracy = _loss_and_accuracy(logits, labels)
+        loss, accuracy = loss_and_accuracy(logits, labels)
         # With momentum 1 the engine's "mean" rule returns the mean of these over the blocks.
         return loss, ({"estimate": estimate, "moments": moments}, {"accuracy": accuracy})
 

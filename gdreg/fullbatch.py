@@ -10,6 +10,8 @@ BatchNorm uses that block's statistics) and the unit of the gradient-norm regula
 with T the per-block transform (e.g. :func:`gdreg.gradient_norm_penalty`) and w_B = 1 for
 every real block. This module computes that mean, plus the dataset's loss and accuracy, the
 mean squared block-gradient norm (the regularizer's value) and the BatchNorm statistics.
+With ``block_moments=True`` it also sums what the spread of the block gradients needs (see
+:class:`FullBatchGradient`).
 
 Layout. The caller passes the global block layout as an integer array
 ``block_indices[num_blocks, block_size]`` of (virtual) image indices. The blocks are padded
@@ -67,13 +69,20 @@ class FullBatchResult(NamedTuple):
       built without a penalty).
     metrics: scalars ``loss`` and ``accuracy`` (means over the blocks' images),
       ``block_grad_sq_norm`` (mean over blocks of ||grad L_B||^2, before the transform),
-      ``grad_norm`` (global L2 norm of ``grads``) and ``images`` (images that counted).
+      ``grad_norm`` (global L2 norm of ``grads``) and ``images`` (images that counted); with
+      ``block_moments=True`` also ``block_grad_norm`` (mean over blocks of ||grad L_B||) and
+      ``block_grad_sq_norm_min``/``_max`` (over the real blocks of ||grad L_B||^2).
+
+    block_grad_sq: with ``block_moments=True``, the mean over blocks of the elementwise square
+      of the block gradients, mean_B grad L_B * grad L_B (before the transform; shaped like
+      ``grads``); else None.
     """
 
     grads: PyTree
     model_state: PyTree
     penalty_state: PyTree
     metrics: dict[str, jax.Array]
+    block_grad_sq: PyTree = None
 
 
 def block_layout(
@@ -117,6 +126,44 @@ def _accumulated(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda leaf: jnp.asarray(leaf, _accumulation_dtype(leaf)), tree)
 
 
+#: Carry entries of ``block_moments`` that combine by minimum / maximum instead of by sums:
+#: (pairwise combination, reduction along an axis).
+_EXTREMES = {
+    "block_grad_sq_norm_min": (jnp.minimum, jnp.min),
+    "block_grad_sq_norm_max": (jnp.maximum, jnp.max),
+}
+
+
+def _merge(total: dict, sums: dict, add=jnp.add) -> dict:
+    """``add`` leaf by leaf over the summed entries; the extremes by their min / max."""
+    summed = [key for key in total if key not in _EXTREMES]
+    merged = jax.tree.map(add, {k: total[k] for k in summed}, {k: sums[k] for k in summed})
+    for key in total.keys() & _EXTREMES.keys():
+        merged[key] = _EXTREMES[key][0](total[key], sums[key])
+    return merged
+
+
+def _reduce(tree: dict) -> dict:
+    """Sums along axis 0 (a vmapped microbatch's blocks, or the devices); extremes by min/max."""
+    summed = {k: v for k, v in tree.items() if k not in _EXTREMES}
+    reduced = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), summed)
+    for key in tree.keys() & _EXTREMES.keys():
+        reduced[key] = _EXTREMES[key][1](tree[key], axis=0)
+    return reduced
+
+
+def _block_moments(grads: PyTree, sq_norm: jax.Array, weight: jax.Array) -> dict:
+    """One block's share of the ``block_moments`` sums: w * g * g (elementwise), w * ||g||,
+    and ||g||^2 for the minimum and maximum (+inf / -inf for a padding block, weight 0)."""
+    real = weight > 0
+    return {
+        "block_grad_sq": jax.tree.map(lambda g: weight.astype(g.dtype) * jnp.square(g), grads),
+        "block_grad_norm": weight.astype(sq_norm.dtype) * jnp.sqrt(sq_norm),
+        "block_grad_sq_norm_min": jnp.where(real, sq_norm, jnp.inf),
+        "block_grad_sq_norm_max": jnp.where(real, sq_norm, -jnp.inf),
+    }
+
+
 def _inside_forward_mode(tree: PyTree) -> bool:
     """Whether ``tree`` is being traced by forward-mode autodiff (the ``jvp`` penalty)."""
     return any(isinstance(leaf, jax.interpreters.ad.JVPTracer) for leaf in jax.tree.leaves(tree))
@@ -147,6 +194,12 @@ class FullBatchGradient:
     first computes the plain mean gradient ``g = mean_B grad L_B``, the second hands it to
     every block's penalty update as ``full_grads=g`` (see :func:`gdreg.gradient_norm_penalty`'s
     ``full_strength``).
+
+    With ``block_moments=True`` (off in training) the engine also returns what the spread of
+    the block gradients g_B = grad L_B (before the transform) needs: the mean over blocks of
+    g_B * g_B elementwise (``FullBatchResult.block_grad_sq``), the mean of ||g_B|| and the
+    minimum and maximum of ||g_B||^2 over the real blocks (in ``metrics``); see
+    :func:`gdreg.analysis.analysis_metrics`. It costs one more parameter-sized sum per device.
     """
 
     def __init__(
@@ -162,6 +215,7 @@ class FullBatchGradient:
         block_loop: str = "unroll",
         batchnorm_statistics: str = "reference",
         batchnorm_momentum: float = batchnorm.TORCH_MOMENTUM,
+        block_moments: bool = False,
     ) -> None:
         if microbatch_loop not in MICROBATCH_LOOPS:
             raise ValueError(
@@ -192,6 +246,7 @@ class FullBatchGradient:
         self.block_loop = block_loop
         self.batchnorm_statistics = batchnorm_statistics
         self.batchnorm_momentum = batchnorm_momentum
+        self.block_moments = block_moments
         self.num_devices = mesh.devices.size
         self._microbatch = jax.jit(self._sharded(self._microbatch_body), donate_argnums=0)
         self._all_microbatches = jax.jit(self._sharded(self._scan_body))
@@ -203,7 +258,9 @@ class FullBatchGradient:
             self._zero_carry_impl, out_shardings=NamedSharding(mesh, P(DATA_AXIS))
         )
         # The first pass of penalty_full_gradient: the same blocks without the penalty.
-        self._plain = self.replace(penalty=None) if penalty_full_gradient else None
+        self._plain = (
+            self.replace(penalty=None, block_moments=False) if penalty_full_gradient else None
+        )
 
     def replace(self, **changes) -> FullBatchGradient:
         """A new engine with the same settings except ``changes`` (constructor arguments)."""
@@ -218,6 +275,7 @@ class FullBatchGradient:
             "block_loop": self.block_loop,
             "batchnorm_statistics": self.batchnorm_statistics,
             "batchnorm_momentum": self.batchnorm_momentum,
+            "block_moments": self.block_moments,
         }
         settings.update(changes)
         if settings["penalty"] is None:
@@ -266,6 +324,7 @@ class FullBatchGradient:
         )
         grads = _accumulated(grads)
         sq_norm = _tree_sq_norm(grads)
+        block_grads = grads  # before the transform, for block_moments
         new_penalty_state = penalty_state
         # The statistics of the penalty's passes at perturbed weights, in the order they run.
         # The jvp penalty's pass (traced by forward-mode autodiff) is the gradient pass itself,
@@ -296,6 +355,8 @@ class FullBatchGradient:
         }
         sums = jax.tree.map(lambda leaf: weight.astype(leaf.dtype) * leaf, sums)
         sums["weight"] = weight
+        if self.block_moments:
+            sums.update(_block_moments(block_grads, sq_norm, weight))
         return sums, new_penalty_state
 
     def _statistics_share(self, passes, position, num_blocks):
@@ -324,13 +385,13 @@ class FullBatchGradient:
             sums, new_penalty_state = jax.vmap(self._block, in_axes=(None, 0, 0, 0))(
                 shared, indices, weights, positions
             )
-            sums = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), sums)
+            sums = _reduce(sums)
             new_penalty_state = jax.tree.map(lambda leaf: leaf[0], new_penalty_state)
             return sums, new_penalty_state
         total = None
         for j in range(indices.shape[0]):
             sums, new_penalty_state = self._block(shared, indices[j], weights[j], positions[j])
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+            total = sums if total is None else _merge(total, sums)
         return total, new_penalty_state
 
     # ----- per device (inside shard_map) ----------------------------------------------------
@@ -345,7 +406,7 @@ class FullBatchGradient:
         sums, new_penalty_state = self._microbatch_sums(
             shared, take(indices), take(weights), take(positions)
         )
-        carry = jax.tree.map(lambda acc, s: acc + s[None], carry, sums)
+        carry = _merge(carry, sums, lambda acc, s: acc + s[None])
         return carry, new_penalty_state
 
     def _scan_body(self, carry, shared, indices, weights, positions, _):
@@ -383,13 +444,14 @@ class FullBatchGradient:
         ``images``.
         """
         # carry leaves are [devices, ...] sharded over `data`: summing axis 0 is the all-reduce.
-        totals = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), carry)
+        totals = _reduce(carry)
+        extremes = {key: totals.pop(key) for key in _EXTREMES if key in totals}
         count = totals.pop("weight")
         passes = totals.pop("passes")
         statistics = totals.pop("statistics")
         means = jax.tree.map(lambda leaf: leaf / count.astype(leaf.dtype), totals)
         grads = means.pop("grads")
-        metrics = dict(means)
+        metrics = dict(means, **extremes)
         metrics["grad_norm"] = jnp.sqrt(_tree_sq_norm(grads))
         metrics["blocks"] = count
         momentum = self.batchnorm_momentum
@@ -423,7 +485,13 @@ class FullBatchGradient:
             "passes": scalar,
             "weight": jnp.zeros((), jnp.float32),
         }
-        return jax.tree.map(zeros, template)
+        if not self.block_moments:
+            return jax.tree.map(zeros, template)
+        template.update(block_grad_sq=params, block_grad_norm=scalar)
+        carry = jax.tree.map(zeros, template)
+        carry["block_grad_sq_norm_min"] = jnp.full((self.num_devices,), jnp.inf, dtype)
+        carry["block_grad_sq_norm_max"] = jnp.full((self.num_devices,), -jnp.inf, dtype)
+        return carry
 
     def _device_rows(self, block_indices: np.ndarray) -> tuple[jax.Array, ...]:
         """The padded layout's indices, weights and positions, split over the devices (kept on
@@ -577,4 +645,5 @@ class FullBatchGradient:
         )
         grads, model_state, metrics = self._finalize(carry, model_state)
         metrics["images"] = metrics.pop("blocks") * block_indices.shape[1]
-        return FullBatchResult(grads, model_state, new_penalty_state, metrics)
+        block_grad_sq = metrics.pop("block_grad_sq", None)
+        return FullBatchResult(grads, model_state, new_penalty_state, metrics, block_grad_sq)

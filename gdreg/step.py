@@ -204,7 +204,7 @@ class TrainStep:
                 result = _with_metrics_at_params(ascent, result)
             step = first_step + index
             was_healthy = healthy
-            state, metrics, healthy = update(state, tuple(result), step, healthy)
+            state, metrics, healthy = update(state, result[:4], step, healthy)
             first_bad = jnp.where(was_healthy & ~healthy, step, first_bad)
             sums = {key: sums[key] + metrics[key] for key in STEP_METRICS}
             return state, sums, healthy, first_bad

@@ -46,7 +46,9 @@ TAGS = {
 
 
 def tag(key: str) -> str:
-    """The TensorBoard tag of a metrics.jsonl key."""
+    """The TensorBoard tag of a metrics.jsonl key (``analysis_*`` under ``analysis/``)."""
+    if key.startswith("analysis_"):
+        return "analysis/" + key.removeprefix("analysis_")
     return TAGS.get(key, key)
 
 

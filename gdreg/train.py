@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gdreg import autotune, checkpoint, distributed, rundir, summaries
+from gdreg import analysis, autotune, checkpoint, distributed, rundir, summaries
 from gdreg.config import as_flag, describe_changes, resume_changes
 from gdreg.experiment import (
     Run,
@@ -375,6 +375,11 @@ def _train(
         if last or _due(done, config.eval.every_epochs, epochs):
             state, test_metrics = evaluate(state)
             record.update(test_metrics)
+        # After the evaluation, whose recomputed BatchNorm statistics (if any) it then uses.
+        if config.analysis.every_epochs and (
+            last or _due(done, config.analysis.every_epochs, epochs)
+        ):
+            record.update(analysis.analysis_metrics(run, state))
         metrics_writer.write(record)
         tensorboard.write(record)
         test_accuracy = record.get("test_accuracy", test_accuracy)

@@ -170,3 +170,13 @@ def test_stop_at_full_accuracy_ends_the_run_and_a_rerun_stays_stopped(tmp_path, 
     assert os.listdir(tmp_path / rundir.CHECKPOINT_DIR) == ["4"]
     again = train.train_and_evaluate(config, str(tmp_path))
     assert len(rundir.read_metrics(tmp_path)) == 4 and again["epoch"] == 4
+
+
+def test_analysis_metrics_reach_the_metrics_stream(tmp_path):
+    config = tiny_config(analysis__every_epochs=2)
+    config.train.epochs = 3
+    train.train_and_evaluate(config, str(tmp_path))
+    records = rundir.read_metrics(tmp_path)
+    with_analysis = [r["epoch"] for r in records if "analysis_grad_noise_scale" in r]
+    assert with_analysis == [2, 3]  # every 2 epochs and at the end
+    assert records[1]["analysis_param_norm"] > 0 and records[1]["analysis_momentum_norm"] > 0

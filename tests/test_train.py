@@ -473,7 +473,8 @@ def test_second_table_configs_share_the_resnet18_rows(model):
         ),
         ("gdreg-report", ["no-such-run"]),
         ("gdreg-landscape", ["--workdir=no-such-run"]),
-        ("gdreg-bench", ["--config=configs/resnet18_fb.py:sgd"]),
+        ("gdreg-bench", ["--config=configs/resnet18_fb.py:quick", "--images=many"]),
+        ("gdreg-precision", ["--workdir=no-such-run"]),
     ],
 )
 def test_console_entry_points_are_the_modules(tmp_path, script, args):

@@ -122,9 +122,10 @@ def crop_and_flip(
     _, h, w, c = images.shape
     if padding > 0:
         padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        images = jax.vmap(lambda img, y, x: jax.lax.dynamic_slice(img, (y, x, 0), (h, w, c)))(
-            padded, dy, dx
-        )
+        # The channel offset in the offsets' own dtype (a Python 0 is int64 under x64).
+        images = jax.vmap(
+            lambda img, y, x: jax.lax.dynamic_slice(img, (y, x, jnp.zeros_like(y)), (h, w, c))
+        )(padded, dy, dx)
     return jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images)
 
 
