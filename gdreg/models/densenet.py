@@ -1,4 +1,5 @@
-"""DenseNet-BC (Huang et al. 2017) with the CIFAR stem, as configured in the reference.
+"""DenseNet-BC (Huang et al. 2017) with the CIFAR stem, as configured in the reference
+(config/model/densenet{121,161,169,201}.yaml, fullbatch/models/densenets.py).
 
 * Stem: one 3x3 conv (stride 1, no bias) to ``2 * growth`` features; no BN/ReLU/pooling
   right after it (the first dense layer starts with BN -> ReLU).
@@ -103,16 +104,21 @@ class DenseNet(nn.Module):
         return x.astype(jnp.float32)
 
 
+# depth -> (growth rate, layers per dense block), as the reference's
+# ``densenet_depths_to_config``; its stem widths (64, 96, 64, 64) are twice the growth rate.
 DENSENET_CONFIGS: dict[int, tuple[int, tuple[int, ...]]] = {
     121: (32, (6, 12, 24, 16)),
+    161: (48, (6, 12, 36, 24)),
+    169: (32, (6, 12, 32, 32)),
+    201: (32, (6, 12, 48, 32)),
 }
 
 
 def densenet(
     depth: int, *, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32
 ) -> DenseNet:
-    """Factory for the registry: ``width`` is the growth rate (default 32 for DenseNet-121);
-    the stem has ``2 * width`` features (64 by default)."""
+    """Factory for the registry: ``width`` is the growth rate (default 32; 48 for
+    DenseNet-161); the stem has ``2 * width`` features (64 by default, 96 for DenseNet-161)."""
     growth, block_config = DENSENET_CONFIGS[depth]
     return DenseNet(
         block_config=block_config,

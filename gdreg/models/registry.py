@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gdreg.models import densenet, resnet, small, vgg
+from gdreg.models import densenet, nfnet, pyramidnet, resnet, small, vgg
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -82,8 +82,11 @@ def create_model(
     Args:
       name: a name from :func:`model_names` (case-insensitive).
       num_classes: number of logits.
-      width: base width (ResNet/VGG first-stage channels, DenseNet growth rate, small CNN
-        channels); ``None`` for the architecture's default.
+      width: what it scales is the family's (``None``: the architecture's default, in
+        brackets): ResNet stem and first-stage channels (64), DenseNet growth rate (32; 48 for
+        densenet161), VGG first-stage channels (64), PyramidNet stem channels with the
+        widening ``alpha`` scaled alike (16), NFNet first-stage channels (256, a multiple of
+        16), small CNN channels (32), the linear model's number of input entries (100).
       dtype: compute dtype, e.g. ``"float32"`` or ``"bfloat16"``; parameters are float32 and
         logits are returned as float32 either way.
     """
@@ -107,10 +110,17 @@ def _is_positive_int(value: Any) -> bool:
 def _register_builtins() -> None:
     for depth in sorted(resnet.RESNET_CONFIGS):
         register_model(f"resnet{depth}", functools.partial(resnet.resnet, depth))
+    for depth in sorted(resnet.CIFAR_RESNET_CONFIGS):
+        register_model(f"resnet{depth}", functools.partial(resnet.cifar_resnet, depth))
     for depth in sorted(densenet.DENSENET_CONFIGS):
         register_model(f"densenet{depth}", functools.partial(densenet.densenet, depth))
     for depth in sorted(vgg.VGG_CONFIGS):
         register_model(f"vgg{depth}", functools.partial(vgg.vgg, depth))
+        register_model(f"vgg{depth}_nobn", functools.partial(vgg.vgg, depth, batch_norm=False))
+    for depth in sorted(pyramidnet.PYRAMIDNET_CONFIGS):
+        register_model(f"pyramidnet{depth}", functools.partial(pyramidnet.pyramidnet, depth))
+    register_model("nfnet", nfnet.nfnet)
+    register_model("linear", small.linear)
     register_model("convnet1", small.convnet1)
     register_model("convnet2", small.convnet2)
 

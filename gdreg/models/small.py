@@ -1,4 +1,5 @@
-"""The two small CNNs of the third-party small-scale reproduction (no BatchNorm, ReLU).
+"""Small models without BatchNorm: the two CNNs of the third-party small-scale reproduction
+(ReLU) and the reference's debugging linear model.
 
 The reproduction only describes them as "1 conv + 1 linear" and "2 conv (with pooling) +
 2 linear"; the sizes below are this project's choice:
@@ -12,6 +13,12 @@ The reproduction only describes them as "1 conv + 1 linear" and "2 conv (with po
 All layers use PyTorch's default initialization (weights and biases
 U(-1/sqrt(fan_in), 1/sqrt(fan_in))). The flattened feature size, and so the size of the
 first linear layer, depends on the input's spatial size (Flax infers it at init).
+
+* ``linear`` (:class:`Linear`): the reference's ``config/model/linear.yaml`` ("only use this
+  for debugging"; fullbatch/models/models.py, ``construct_model``): the image flattened in
+  PyTorch's channels-first order (C, H, W), its first ``width`` = 100 entries kept (for
+  CIFAR, the first three rows and four pixels of the red channel), then one linear layer
+  ``width -> num_classes`` (PyTorch's default init): 1,010 parameters for 10 classes.
 """
 
 from __future__ import annotations
@@ -74,9 +81,37 @@ class ConvNet2(nn.Module):
         return x.astype(jnp.float32)
 
 
+class Linear(nn.Module):
+    """Linear classifier on the first ``width`` entries of the channels-first flattened image."""
+
+    num_classes: int
+    width: int = 100
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        del train
+        x = jnp.asarray(x, self.dtype)
+        # PyTorch flattens NCHW; the reference keeps the first entries of that order.
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))
+        if x.shape[-1] < self.width:
+            raise ValueError(
+                f"the linear model keeps {self.width} input entries, the images have {x.shape[-1]}"
+            )
+        x = x[:, : self.width]
+        x = layers.torch_dense(self.num_classes, self.width, dtype=self.dtype, name="fc")(x)
+        return x.astype(jnp.float32)
+
+
 def convnet1(*, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32) -> ConvNet1:
     return ConvNet1(num_classes=num_classes, width=32 if width is None else width, dtype=dtype)
 
 
 def convnet2(*, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32) -> ConvNet2:
     return ConvNet2(num_classes=num_classes, width=32 if width is None else width, dtype=dtype)
+
+
+def linear(*, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32) -> Linear:
+    """The reference's debugging linear model; ``width`` is the number of input entries it
+    keeps (default 100)."""
+    return Linear(num_classes=num_classes, width=100 if width is None else width, dtype=dtype)

@@ -1,6 +1,10 @@
-"""VGG-11/13/16/19 with BatchNorm, CIFAR variant (as in the reference, "head: CIFAR").
+"""VGG-11/13/16/19, CIFAR variant (as in the reference, "head: CIFAR"), with or without BN.
 
-* Conv stack: 3x3 conv (padding 1, with bias) -> BN -> ReLU per entry of the configuration,
+* Conv stack: 3x3 conv (padding 1, with bias) -> BN -> ReLU per entry of the configuration
+  (``vgg11`` ...; the reference's config/model/vgg*.yaml, ``normalization: BatchNorm2d``),
+  or 3x3 conv -> ReLU without BN (``vgg11_nobn`` ...: the reference's VGG with
+  ``model.normalization=Identity``, which its ``get_layer_functions`` turns into
+  ``torch.nn.Identity``; no yaml of theirs ships it, it is an override of theirs),
   2x2 max-pool (stride 2) at each "M"; channel multipliers of the base width ``w``
   (64 by default): ``w, 2w, 4w, 8w, 8w``.
 * Classifier: a single linear layer ``8w -> num_classes`` (no hidden fully connected
@@ -10,6 +14,8 @@
   (the pools keep a partial last window instead of dropping it, so an 8x8 input ends 1x1).
 * Init as the reference's ``classical_weight_init``: convs Kaiming-normal fan_out with bias
   0, BN 1/0, linear N(0, 0.01) with bias 0.
+
+Reference: fullbatch/models/vgg.py (``VGG``) and fullbatch/models/utils.py.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class VGG(nn.Module):
     num_classes: int
     width: int = 64
     dtype: Dtype = jnp.float32
+    batch_norm: bool = True  # False: conv -> ReLU (the reference's normalization=Identity)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -56,7 +63,8 @@ class VGG(nn.Module):
                 bias_init=nn.initializers.zeros,
                 name=f"conv{conv_idx}",
             )(x)
-            x = layers.batch_norm(train, dtype=self.dtype, name=f"bn{conv_idx}")(x)
+            if self.batch_norm:
+                x = layers.batch_norm(train, dtype=self.dtype, name=f"bn{conv_idx}")(x)
             x = nn.relu(x)
         x = layers.global_avg_pool(x)
         x = layers.dense(
@@ -70,12 +78,19 @@ class VGG(nn.Module):
 
 
 def vgg(
-    depth: int, *, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32
+    depth: int,
+    *,
+    num_classes: int,
+    width: int | None = None,
+    dtype: Dtype = jnp.float32,
+    batch_norm: bool = True,
 ) -> VGG:
-    """Factory for the registry: VGG-``depth`` with BN, first-stage width ``width`` (default 64)."""
+    """Factory for the registry: VGG-``depth`` (with BN unless ``batch_norm=False``),
+    first-stage width ``width`` (default 64; the stages have ``w, 2w, 4w, 8w, 8w``)."""
     return VGG(
         config=VGG_CONFIGS[depth],
         num_classes=num_classes,
         width=64 if width is None else width,
         dtype=dtype,
+        batch_norm=batch_norm,
     )
