@@ -58,12 +58,20 @@ from gdreg.sharding import data_mesh, fetch_replicated, replicate
 from gdreg.types import PyTree
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Training configuration file (any gdreg.main config).", lock_config=True
-)
-flags.DEFINE_string(
-    "workdir", None, "A run directory: its config and latest checkpoint (instead of --config)."
-)
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: :func:`measure` is a library
+    function, and other gdreg commands define ``--config`` too)."""
+    if "workdir" in FLAGS:
+        return
+    config_flags.DEFINE_config_file(
+        "config", None, "Training configuration file (any gdreg.main config).", lock_config=True
+    )
+    flags.DEFINE_string(
+        "workdir", None, "A run directory: its config and latest checkpoint (instead of --config)."
+    )
+
 
 REFERENCE_DTYPE = "float64"
 
@@ -242,6 +250,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point ``gdreg-precision``."""
+    _define_flags()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
 
 

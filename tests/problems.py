@@ -57,6 +57,38 @@ def batch_fn(data, indices, step):
     return images[indices], labels[indices]
 
 
+class TinyBatchNormNet(nn.Module):
+    """conv -> BatchNorm -> relu, twice, -> mean pool -> dense: the smallest registered model
+    with BatchNorm layers that feed each other (for the training-loop tests)."""
+
+    num_classes: int
+    width: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for _ in range(2):
+            x = layers.conv(self.width, 3, dtype=self.dtype)(x)
+            x = nn.relu(layers.batch_norm(train, dtype=self.dtype)(x))
+        return layers.dense(self.num_classes, dtype=self.dtype)(x.mean(axis=(1, 2)))
+
+
+#: The registry name of :class:`TinyBatchNormNet` (test models end in ``_test``).
+TINY_BATCHNORM_MODEL = "tiny_batchnorm_test"
+
+
+def register_tiny_batchnorm_model() -> str:
+    """Registers :class:`TinyBatchNormNet` (width default 4) and returns its name."""
+    from gdreg.models import register_model
+
+    register_model(TINY_BATCHNORM_MODEL, _tiny_batchnorm_net)
+    return TINY_BATCHNORM_MODEL
+
+
+def _tiny_batchnorm_net(*, num_classes, width, dtype):
+    return TinyBatchNormNet(num_classes, width or 4, dtype)
+
+
 def tiny_run_config():
     """A training config that runs in about a second per epoch: small CNN, 8x8 synthetic data.
 

@@ -7,45 +7,23 @@ device (XLA's FLOP count) falls as 1/N; a minibatch that does not split is a con
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from problems import tiny_run_config
+from problems import register_tiny_batchnorm_model, tiny_run_config
 
 from gdreg import experiment, train
 from gdreg.batchnorm import TORCH_MOMENTUM
 from gdreg.config import ConfigError
-from gdreg.models import layers, register_model
 from gdreg.sharding import data_mesh, replicate
 
-
-class TinyBatchNormNet(nn.Module):
-    """conv -> BatchNorm -> relu -> mean pool -> dense: the smallest net with BatchNorm."""
-
-    num_classes: int
-    width: int
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = layers.conv(self.width, 3, dtype=self.dtype)(x)
-        x = nn.relu(layers.batch_norm(train, dtype=self.dtype)(x))
-        return layers.dense(self.num_classes, dtype=self.dtype)(x.mean(axis=(1, 2)))
-
-
-def tiny_batchnorm_net(*, num_classes, width, dtype):
-    return TinyBatchNormNet(num_classes, width or 4, dtype)
-
-
-register_model("tiny_batchnorm_test", tiny_batchnorm_net)
+TINY_BATCHNORM = register_tiny_batchnorm_model()
 
 
 def sgd_config(**changes):
     config = tiny_run_config()
-    config.model.name = "tiny_batchnorm_test"
+    config.model.name = TINY_BATCHNORM
     config.train.mode = "stochastic"
     config.train.batch_size = 32
     config.train.epochs = 2

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from problems import tiny_run_config
+from problems import register_tiny_batchnorm_model, tiny_run_config
 
 from gdreg import config as config_lib
 from gdreg import experiment, rundir, summaries, train
@@ -181,9 +181,11 @@ def restore_state(workdir, epoch):
 
 @pytest.mark.parametrize("rule", ["reference", "mean", "recompute"])
 def test_resume_is_bitwise_equal_with_each_batchnorm_rule(tmp_path, monkeypatch, rule):
-    """A BatchNorm model (ResNet-18 at width 2) killed after epoch 3 and resumed from the
+    """A model with two BatchNorm layers killed after epoch 3 and resumed from the
     checkpoint of epoch 2 ends with the same parameters and running statistics, bit for bit."""
-    config = tiny_config(model__name="resnet18", model__width=2, train__batchnorm_statistics=rule)
+    config = tiny_config(
+        model__name=register_tiny_batchnorm_model(), train__batchnorm_statistics=rule
+    )
     config.train.epochs = 3
     # recompute writes new statistics at evaluations only: evaluate every epoch, so that the
     # checkpoint the run resumes from holds recomputed statistics too.
