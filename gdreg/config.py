@@ -375,6 +375,11 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
         (0 < optim.line_search_decrease < 1, "optim.line_search_decrease", "must be in (0, 1)"),
         (optim.line_search_steps >= 0, "optim.line_search_steps", "must be >= 0"),
         (
+            optim.line_search == "none" or optim.modification != "sam",
+            "optim.line_search",
+            'cannot be combined with optim.modification="sam"',
+        ),
+        (
             optim.line_search == "none" or not _has_stochastic(train),
             "optim.line_search",
             "runs on full-batch epochs only, and this run has stochastic ones",
@@ -560,17 +565,21 @@ def schedule_follows_epochs(config: ml_collections.ConfigDict) -> bool:
     return config.optim.schedule == "warmup_step" and not config.optim.milestones
 
 
-def check_dataset_fits(config: ml_collections.ConfigDict, num_virtual_images: int) -> None:
-    """Checks that a block (or minibatch) fits in the ``num_virtual_images`` training images."""
+def check_dataset_fits(
+    config: ml_collections.ConfigDict, num_virtual_images: int, num_images: int | None = None
+) -> None:
+    """Checks that a block (or minibatch) fits in the ``num_virtual_images`` training images
+    (a semi-stochastic minibatch in the ``num_images`` images of one augmented copy)."""
     fields = ["train.block_size"] if config.train.mode == "fullbatch" else ["train.batch_size"]
     if config.train.switch_mode_after:
         fields = ["train.block_size", "train.batch_size"]
     for field in fields:
         size = get_field(config, field)
-        if size > num_virtual_images:
-            raise ConfigError(
-                f"{field} {size} is larger than the {num_virtual_images} training images"
-            )
+        pool = num_virtual_images
+        if field == "train.batch_size" and config.train.semi_stochastic and num_images:
+            pool = num_images
+        if size > pool:
+            raise ConfigError(f"{field} {size} is larger than the {pool} training images")
 
 
 def check_devices_fit(config: ml_collections.ConfigDict, num_devices: int) -> None:

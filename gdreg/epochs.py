@@ -6,10 +6,10 @@ of its modes). In full-batch mode it is one optimizer step over all blocks; in s
 (``config/hyp/_default_hyperparams.yaml``) are options of the plan:
 
 - ``train.switch_mode_after = K``: the first K epochs train in ``train.mode``, the rest in
-  the other mode (the reference's ``train_switch_stochastic``; its test ``K >= step`` flips
-  the mode for its first K + 1 steps, so its ``train_stochastic=False,
-  train_switch_stochastic=K`` is ``train.mode="stochastic", train.switch_mode_after=K + 1``
-  here).
+  the other mode, as the reference's ``train_switch_stochastic`` describes itself ("switch
+  from stochastic to non-stochastic or vice-versa after this many steps"). Its loop does
+  otherwise: the test ``K >= step`` holds at step 0 and flips the mode, and nothing flips it
+  back, so a reference run with the option set trains in the other mode throughout.
 - ``train.sample_with_replacement``: stochastic epochs draw their ``N`` images uniformly with
   replacement (torch's ``RandomSampler(replacement=True)``) instead of a permutation.
 - ``train.semi_stochastic``: with ``data.augmentation="fixed"`` (``data.copies = R``

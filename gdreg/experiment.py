@@ -471,7 +471,7 @@ def build(
         num_virtual = data.virtual_size(
             dataset.num_train, config.data.augmentation, config.data.copies
         )
-    config_lib.check_dataset_fits(config, num_virtual)
+    config_lib.check_dataset_fits(config, num_virtual, dataset.num_train)
     plan = epoch_plan(config, num_virtual, dataset.num_train)
     mesh = data_mesh() if mesh is None else mesh
     config_lib.check_devices_fit(config, mesh.devices.size)

@@ -67,7 +67,9 @@ def step_metrics(
     dtype = metrics["loss"].dtype
     norm = metrics["grad_norm"]
     if clip_norm_type == float("inf"):
-        norm = max(jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(grads))
+        norm = functools.reduce(
+            jnp.maximum, (jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(grads))
+        )
     figures = {key: metrics[key] for key in ("loss", "accuracy", "block_grad_sq_norm")}
     figures.update(
         grad_norm=metrics["grad_norm"],
@@ -93,14 +95,20 @@ def guarded_update(
     (grads, model_state, penalty_state, engine metrics) of the step's gradient; ``figures``:
     :func:`step_metrics` without its last four arguments. Returns the state after the step
     (the old one where the step is not applied), the step's metrics and ``healthy and the
-    step's loss and ||g|| are finite``.
+    step's loss, ||g|| and the updated parameters are finite``.
     """
     params, opt_state, _, _ = state
     grads, model_state, penalty_state, metrics = result
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    healthy = healthy & finite
     updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_state = (optax.apply_updates(params, updates), new_opt_state, model_state, penalty_state)
+    new_params = optax.apply_updates(params, updates)
+    # A finite gradient times a large learning rate can still overflow the parameters.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    healthy = functools.reduce(
+        jnp.logical_and,
+        (jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(new_params)),
+        healthy & finite,
+    )
+    new_state = (new_params, new_opt_state, model_state, penalty_state)
     kept = jax.tree.map(lambda new, old: jnp.where(healthy, new, old), new_state, state)
     return kept, figures(params, grads, metrics, step), healthy
 
@@ -153,6 +161,7 @@ class TrainStep:
         clip_norm_type: float = 2.0,
         sam_rho: float | None = None,
         line_search: modifications.ArmijoSettings | None = None,
+        augment_every_step: bool = False,
     ) -> None:
         self.engine = engine
         self.mesh = engine.mesh
@@ -189,8 +198,12 @@ class TrainStep:
             state, sums, healthy, first_bad = carry
             params, _, model_state, penalty_state = state
             indices = jax.lax.dynamic_index_in_dim(order, index, keepdims=False)
+            step = first_step + index
+            # Augmentation draws are a function of (image, epoch); with sampling with
+            # replacement an image can come twice in an epoch and should look different.
+            draw = step if augment_every_step else epoch
             result = minibatch_engine.single_block(
-                params, model_state, penalty_state, data, indices, epoch
+                params, model_state, penalty_state, data, indices, draw
             )
             if sam_rho is not None:
                 ascent = minibatch_engine.single_block(
@@ -199,10 +212,9 @@ class TrainStep:
                     penalty_state,
                     data,
                     indices,
-                    epoch,
+                    draw,
                 )
                 result = _with_metrics_at_params(ascent, result)
-            step = first_step + index
             was_healthy = healthy
             state, metrics, healthy = update(state, result[:4], step, healthy)
             first_bad = jnp.where(was_healthy & ~healthy, step, first_bad)
@@ -254,7 +266,14 @@ class TrainStep:
         """:meth:`fullbatch` with the Armijo line search (:func:`gdreg.modifications.armijo_step`)
         along the optimizer's update: backtracks from the update ``tx`` proposes (learning
         rate included) on the full-batch training loss (forward-only engine calls, train mode,
-        the step's blocks and augmentation). The host reads each trial's loss."""
+        the step's blocks and augmentation). The host reads each trial's loss.
+
+        The objective is the mean cross-entropy alone: the slope ``<g, u>`` is taken with the
+        gradient the optimizer received (with the penalty's term when ``penalty.strength >
+        0``) and ``u`` includes weight decay, as in the reference, whose line search also
+        compares plain losses. The value at the parameters comes from the same forward-only
+        program as the trials, so that an update of zero (the first warmup epoch) is accepted
+        at once instead of failing on rounding."""
         params, opt_state, model_state, penalty_state = state
         result = self.engine(params, model_state, penalty_state, data, block_indices, epoch)
         step = jnp.asarray(step, jnp.int32)
@@ -273,7 +292,7 @@ class TrainStep:
             return float(fetch_replicated(evaluation.metrics["loss"]))
 
         search = modifications.armijo_step(
-            loss_fn, params, updates, result.grads, value=loss, settings=self.line_search
+            loss_fn, params, updates, result.grads, settings=self.line_search
         )
         metrics["line_search_step"] = jnp.asarray(search.step_size, metrics["loss"].dtype)
         new_state = (search.params, new_opt_state, result.model_state, result.penalty_state)

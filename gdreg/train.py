@@ -23,9 +23,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from gdreg import analysis, autotune, checkpoint, distributed, rundir, summaries
-from gdreg.config import as_flag, describe_changes, resume_changes
+from gdreg.config import ConfigError, as_flag, describe_changes, resume_changes
 from gdreg.experiment import (
     Run,
     TrainState,
@@ -64,6 +65,7 @@ def make_step(run: Run) -> TrainStep:
         clip_norm_type=CLIP_NORM_TYPES[optim.clip_norm_type],
         sam_rho=run.optimizer.sam_rho,
         line_search=run.optimizer.line_search,
+        augment_every_step=run.config.train.sample_with_replacement,
     )
 
 
@@ -183,6 +185,21 @@ def fitted(train_accuracies: list[float], epochs: int) -> bool:
     return 0 < epochs <= len(train_accuracies) and min(train_accuracies[-epochs:]) == 1.0
 
 
+def _previous_accuracies(previous: list[dict[str, Any]], count: int) -> list[float]:
+    """The training accuracies of the last ``count`` epochs before a resume, as process 0
+    read them from ``metrics.jsonl`` (only it reads the file), on every process."""
+    accuracies = [r["train_accuracy"] for r in previous if "train_accuracy" in r][-count:]
+    if not count or jax.process_count() == 1:
+        return accuracies if count else []
+    from jax.experimental import multihost_utils
+
+    buffer = np.full(count, np.nan)
+    if accuracies:
+        buffer[-len(accuracies) :] = accuracies
+    buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return [float(value) for value in buffer if not np.isnan(value)]
+
+
 def _due(done: int, every: int, last: int) -> bool:
     """Whether epoch ``done`` is one of every ``every`` epochs (0: none) or the last one."""
     return done == last or bool(every and done % every == 0)
@@ -260,8 +277,27 @@ def _restore(run: Run, manager, is_first_process: bool) -> TrainState:
         raise RunDirError(f"{error}; rerun with {flag}=True to start again") from None
     if restored is None:
         return host_state
-    logging.info("resuming from the checkpoint of epoch %d", int(restored.epoch))
+    epoch = int(fetch_replicated(restored.epoch))
+    _check_steps_taken(run, epoch, restored.penalty_state)
+    logging.info("resuming from the checkpoint of epoch %d", epoch)
     return restored
+
+
+def _check_steps_taken(run: Run, epoch: int, penalty_state: Any) -> None:
+    """Refuses a checkpoint whose optimizer steps differ from what the config's epoch plan
+    takes before ``epoch`` (a resume with another mode, batch size or switch): the schedule
+    would follow the optimizer's step count and the metrics the plan's, out of step."""
+    count = optax.tree_utils.tree_get(penalty_state, "count")
+    if count is None:
+        return
+    taken, planned = int(fetch_replicated(count)), run.plan.first_step(epoch)
+    if taken != planned:
+        fields = "train.mode, train.batch_size, train.switch_mode_after, train.semi_stochastic"
+        raise ConfigError(
+            f"the checkpoint of epoch {epoch} took {taken} optimizer steps, and this config "
+            f"takes {planned} before that epoch ({fields}): it cannot resume that run; use a "
+            "new --workdir"
+        )
 
 
 def _log_images_used(run: Run, epoch: int) -> None:
@@ -363,8 +399,8 @@ def _train(
         checkpoint.save(manager, int(fetch_replicated(state.epoch)), state)
 
     record: dict[str, Any] = {}
-    accuracies = [r["train_accuracy"] for r in metrics_writer.previous if "train_accuracy" in r]
     fit_for = config.train.stop_at_full_accuracy
+    accuracies = _previous_accuracies(metrics_writer.previous, fit_for)
     for epoch in range(start_epoch, epochs):
         if fitted(accuracies, fit_for):
             break

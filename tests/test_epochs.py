@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_train import SimulatedKill, strip_timing, tiny_config
+from test_train import killed_and_resumed, strip_timing, tiny_config
 
 from gdreg import experiment, rundir, train
 from gdreg.config import ConfigError
@@ -62,18 +62,7 @@ def test_sgd_then_full_batch_in_one_run(tmp_path):
 def test_ema_and_the_switch_survive_a_kill_bitwise(tmp_path, monkeypatch):
     config = switching_config(eval__ema=True, eval__ema_momentum=0.5)
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
-    real_run_epoch = train.run_epoch
-
-    def dies_in_epoch_four(run, state, train_step):
-        if int(jax.device_get(state.epoch)) == 3:
-            raise SimulatedKill
-        return real_run_epoch(run, state, train_step)
-
-    monkeypatch.setattr(train, "run_epoch", dies_in_epoch_four)
-    with pytest.raises(SimulatedKill):
-        train.train_and_evaluate(config, str(tmp_path / "killed"))
-    monkeypatch.setattr(train, "run_epoch", real_run_epoch)
-    resumed = train.train_and_evaluate(config, str(tmp_path / "killed"))
+    resumed = killed_and_resumed(config, tmp_path / "killed", monkeypatch, dies_in_epoch=4)
     assert strip_timing([resumed]) == strip_timing([whole])
     a, b = restore(tmp_path / "whole", 4), restore(tmp_path / "killed", 4)
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -180,3 +169,54 @@ def test_analysis_metrics_reach_the_metrics_stream(tmp_path):
     with_analysis = [r["epoch"] for r in records if "analysis_grad_noise_scale" in r]
     assert with_analysis == [2, 3]  # every 2 epochs and at the end
     assert records[1]["analysis_param_norm"] > 0 and records[1]["analysis_momentum_norm"] > 0
+
+
+@pytest.mark.parametrize("clip_norm, clipped", [(1e-6, 1.0), (1e6, 0.0)])
+def test_clipping_in_the_infinity_norm_runs_in_the_training_step(clip_norm, clipped):
+    config = tiny_config(optim__clip_norm_type="inf", optim__clip_norm=clip_norm)
+    run = experiment.build(config)
+    state = jax.tree.map(lambda x: x, experiment.initial_state(run))
+    from gdreg.sharding import replicate
+
+    _, record = train.run_epoch(run, replicate(state, run.mesh), train.make_step(run))
+    assert record["clipped"] == clipped and math.isfinite(record["train_loss"])
+
+
+def test_an_update_that_overflows_the_parameters_is_not_applied(tmp_path):
+    config = tiny_config(optim__lr=3e38, optim__warmup_epochs=0, optim__clip_norm=0.0)
+    config.checkpoint.every_epochs = 1
+    with pytest.raises(train.TrainingDivergedError, match=r"epoch 0 \(step 0\)"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / rundir.CHECKPOINT_DIR) or not os.listdir(
+        tmp_path / rundir.CHECKPOINT_DIR
+    )
+
+
+def test_resuming_with_another_epoch_plan_is_refused(tmp_path):
+    config = tiny_config(train__mode="stochastic", train__batch_size=32, train__epochs=1)
+    train.train_and_evaluate(config, str(tmp_path))
+    config.train.batch_size = 16
+    config.train.epochs = 2
+    with pytest.raises(ConfigError, match="took 4 optimizer steps, and this config takes 8"):
+        train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"optim__modification": "sam", "optim__line_search": "armijo"},
+            r"optim\.line_search .*cannot be combined",
+        ),
+        (
+            {"train__mode": "stochastic", "train__semi_stochastic": True, "train__batch_size": 256},
+            r"train\.batch_size 256 is larger than the 128",
+        ),
+    ],
+)
+def test_combinations_that_cannot_run(changes, message):
+    config = tiny_config(**changes)
+    config.data.augmentation = "fixed"
+    config.data.copies = 4
+    with pytest.raises(ConfigError, match=message):
+        experiment.build(config)

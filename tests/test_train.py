@@ -142,24 +142,29 @@ class SimulatedKill(Exception):
     pass
 
 
+def killed_and_resumed(config, workdir, monkeypatch, *, dies_in_epoch: int) -> dict:
+    """Trains ``config`` in ``workdir`` until a simulated kill at the start of epoch
+    ``dies_in_epoch`` (counted from 1), then resumes it to the end; returns the last record."""
+    real_run_epoch = train.run_epoch
+
+    def dies(run, state, train_step):
+        if int(jax.device_get(state.epoch)) == dies_in_epoch - 1:
+            raise SimulatedKill
+        return real_run_epoch(run, state, train_step)
+
+    monkeypatch.setattr(train, "run_epoch", dies)
+    with pytest.raises(SimulatedKill):
+        train.train_and_evaluate(config, str(workdir))
+    monkeypatch.setattr(train, "run_epoch", real_run_epoch)
+    return train.train_and_evaluate(config, str(workdir))
+
+
 @pytest.mark.parametrize("mode", ["fullbatch", "stochastic"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
     config = tiny_config(train__mode=mode, train__batch_size=32)
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
-
-    real_run_epoch = train.run_epoch
-
-    def dies_in_epoch_four(run, state, train_step):
-        if int(jax.device_get(state.epoch)) == 3:
-            raise SimulatedKill  # after epoch 3's metrics, with the last checkpoint at 2
-        return real_run_epoch(run, state, train_step)
-
-    monkeypatch.setattr(train, "run_epoch", dies_in_epoch_four)
-    with pytest.raises(SimulatedKill):
-        train.train_and_evaluate(config, str(tmp_path / "killed"))
-    assert [r["epoch"] for r in rundir.read_metrics(tmp_path / "killed")] == [1, 2, 3]
-    monkeypatch.setattr(train, "run_epoch", real_run_epoch)
-    resumed = train.train_and_evaluate(config, str(tmp_path / "killed"))
+    # killed after epoch 3's metrics, with the last checkpoint at 2
+    resumed = killed_and_resumed(config, tmp_path / "killed", monkeypatch, dies_in_epoch=4)
 
     assert strip_timing(rundir.read_metrics(tmp_path / "killed")) == strip_timing(
         rundir.read_metrics(tmp_path / "whole")
@@ -191,18 +196,7 @@ def test_resume_is_bitwise_equal_with_each_batchnorm_rule(tmp_path, monkeypatch,
     # checkpoint the run resumes from holds recomputed statistics too.
     config.eval.every_epochs = 1 if rule == "recompute" else 3
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
-    real_run_epoch = train.run_epoch
-
-    def dies_in_epoch_three(run, state, train_step):
-        if int(jax.device_get(state.epoch)) == 2:
-            raise SimulatedKill
-        return real_run_epoch(run, state, train_step)
-
-    monkeypatch.setattr(train, "run_epoch", dies_in_epoch_three)
-    with pytest.raises(SimulatedKill):
-        train.train_and_evaluate(config, str(tmp_path / "killed"))
-    monkeypatch.setattr(train, "run_epoch", real_run_epoch)
-    resumed = train.train_and_evaluate(config, str(tmp_path / "killed"))
+    resumed = killed_and_resumed(config, tmp_path / "killed", monkeypatch, dies_in_epoch=3)
     assert strip_timing([resumed]) == strip_timing([whole])
     a, b = restore_state(tmp_path / "whole", 3), restore_state(tmp_path / "killed", 3)
     jax.tree.map(np.testing.assert_array_equal, a, b)
