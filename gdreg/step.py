@@ -51,6 +51,10 @@ STEP_METRICS = (
 )
 
 
+#: The metrics that SAM reports from its evaluation at the parameters, not the ascent point.
+REPORTED_AT_PARAMS = ("loss", "accuracy", "block_grad_sq_norm")
+
+
 def step_metrics(
     schedule: optax.Schedule,
     clip_norm: float,
@@ -130,10 +134,6 @@ def _with_metrics_at_params(
     return result.grads, result.model_state, at_params.penalty_state, metrics
 
 
-#: The metrics that SAM reports from its evaluation at the parameters, not the ascent point.
-REPORTED_AT_PARAMS = ("loss", "accuracy", "block_grad_sq_norm")
-
-
 def _moving_average(ema: PyTree, current: PyTree, momentum: jax.Array) -> PyTree:
     return jax.tree.map(
         lambda average, value: (
@@ -148,7 +148,10 @@ class TrainStep:
     """The training step of a run: :meth:`fullbatch` or :meth:`stochastic_epoch`.
 
     Built once per run (it owns the compiled functions) from the run's engine, optax chain,
-    schedule and mesh.
+    schedule and mesh. ``sam_rho``: SAM's radius (:func:`gdreg.modifications.sam_gradient`:
+    the gradient at the ascent point, applied at the parameters), in both modes;
+    ``line_search``: the Armijo search along the optimizer's update, full-batch steps only;
+    ``augment_every_step``: stochastic steps draw augmentations per step, not per epoch.
     """
 
     def __init__(
