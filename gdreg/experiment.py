@@ -9,9 +9,10 @@ run to scan the loss and to time a step.
 
 Units: one *epoch* is one pass over the training set. In full-batch mode it is one optimizer
 step on the exact gradient over all blocks; in stochastic mode it is ``N // batch_size``
-minibatch steps over a fresh permutation (the SGD baseline), each minibatch a single block of
-the same engine. The learning-rate schedule moves once per epoch in both modes, as in the
-reference implementation.
+minibatch steps over a fresh permutation (the SGD baseline), each minibatch one block of the
+same engine's per-block function, split over the devices (:mod:`gdreg.step`). Which mode an
+epoch trains in and its steps are the run's plan (:mod:`gdreg.epochs`). The learning-rate
+schedule moves once per epoch in both modes, as in the reference implementation.
 """
 
 from __future__ import annotations
@@ -318,7 +319,8 @@ def loop_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     One block per call in a Python loop on CPU (XLA:CPU runs convolutions inside loop bodies on
     a slow path); four blocks per call on GPUs, where small blocks are launch-bound. A
-    stochastic step is one block: more per call would only add zero-weight padding blocks.
+    minibatch is one block: for the engine calls over minibatch layouts (analysis, landscape)
+    more per call would only add zero-weight padding blocks.
     :mod:`gdreg.autotune` times the alternatives.
     """
     one_block = jax.default_backend() == "cpu" or (
