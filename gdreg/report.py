@@ -32,7 +32,7 @@ batch with blocks of N other than the paper's 128, the default of ``train.block_
 ``fixedxN`` (N fixed augmented copies).
 
 Steps: one per epoch in full-batch mode; ``images // batch_size`` per epoch in stochastic
-mode. For stochastic runs the gradient norm and loss of an epoch are means over its
+mode (each epoch in its own mode when the run switches, ``train.switch_mode_after``). For stochastic runs the gradient norm and loss of an epoch are means over its
 minibatch steps (of minibatch gradients), not full-batch quantities.
 """
 
@@ -114,11 +114,21 @@ class RunRecord:
                 return float(record["test_accuracy"])
         return None
 
-    @property
-    def steps_per_epoch(self) -> int:
-        if self.config["train.mode"] == "fullbatch":
-            return 1
-        return max(1, int(self.metrics[-1]["images"]) // int(self.config["train.batch_size"]))
+    def steps_until(self, epochs: int) -> int:
+        """Optimizer steps of the run's first ``epochs`` epochs: 1 per full-batch epoch,
+        ``images // batch_size`` per stochastic one, each epoch in the mode the run's plan
+        gives it (``train.switch_mode_after``, :mod:`gdreg.epochs`)."""
+        first, switch = self.config["train.mode"], int(self.config["train.switch_mode_after"])
+        other = "stochastic" if first == "fullbatch" else "fullbatch"
+        batch_size = int(self.config["train.batch_size"])
+        steps = 0
+        for record in self.metrics:
+            epoch = int(record["epoch"])
+            if epoch > epochs:
+                break
+            mode = other if switch and epoch > switch else first
+            steps += 1 if mode == "fullbatch" else max(1, int(record["images"]) // batch_size)
+        return steps
 
 
 @dataclasses.dataclass
@@ -306,7 +316,7 @@ def table_rows(groups: Sequence[Group]) -> list[list[str]]:
         planned = int(config["train.epochs"])
         done = min(run.final_epoch for run in group.runs)
         epochs = f"{done}" if done >= planned else f"{done}/{planned}"
-        steps = done * min(run.steps_per_epoch for run in group.runs)
+        steps = min(run.steps_until(done) for run in group.runs)
         rows.append(
             [
                 group.label,

@@ -264,3 +264,13 @@ def test_duplicated_epochs_are_reported(tmp_path, capsys):
         handle.write(json.dumps({"epoch": 2, "train_loss": 1.0}) + "\n")
     assert report.main([path]) == 2
     assert "epoch 2 follows epoch 3; two runs wrote to this directory" in capsys.readouterr().err
+
+
+def test_steps_follow_the_mode_of_every_epoch():
+    """SGD for 2 epochs (128 images in minibatches of 32), then full batch: 4 + 4 + 1 + 1."""
+    config = {"train.mode": "stochastic", "train.switch_mode_after": 2, "train.batch_size": 32}
+    metrics = [{"epoch": epoch, "images": 128} for epoch in range(1, 5)]
+    run = report.RunRecord("switching", config, metrics)
+    assert [run.steps_until(epochs) for epochs in range(5)] == [0, 4, 8, 9, 10]
+    plain = report.RunRecord("sgd", {**config, "train.switch_mode_after": 0}, metrics)
+    assert plain.steps_until(3) == 12
