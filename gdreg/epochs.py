@@ -50,10 +50,6 @@ class EpochPlan:
             return STOCHASTIC if self.mode == FULLBATCH else FULLBATCH
         return self.mode
 
-    def modes(self) -> set[str]:
-        """Every mode the run trains in."""
-        return {self.mode, self.mode_of(self.switch_after)} if self.switch_after else {self.mode}
-
     def first_step(self, epoch: int) -> int:
         """The optimizer steps taken before epoch ``epoch``."""
         before = min(epoch, self.switch_after) if self.switch_after else epoch

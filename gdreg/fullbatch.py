@@ -108,6 +108,17 @@ def block_layout(
     return order[: num_blocks * block_size].reshape(num_blocks, block_size)
 
 
+def compiled_flops(function, *args) -> float | None:
+    """XLA's FLOP count of the jitted ``function`` compiled for ``args`` (one device's share
+    under SPMD), or None where the backend reports none."""
+    try:
+        cost = function.lower(*args).compile().cost_analysis()
+    except Exception:  # cost analysis is best effort and missing on some backends
+        return None
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def _accumulation_dtype(*trees: PyTree) -> jnp.dtype:
     """float32, or float64 where the inputs are float64 (sums never run in bfloat16)."""
     leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
@@ -556,14 +567,10 @@ class FullBatchGradient:
         carry, args, num_microbatches = self._arguments(
             params, model_state, penalty_state, full_grads, data, block_indices, 0
         )
-        try:
-            cost = self._microbatch.lower(carry, *args, jnp.int32(0)).compile().cost_analysis()
-        except Exception:  # cost analysis is best effort and missing on some backends
+        flops = compiled_flops(self._microbatch, carry, *args, jnp.int32(0))
+        if flops is None:
             return None
-        cost = cost[0] if isinstance(cost, list) else cost
-        if not cost or "flops" not in cost:
-            return None
-        return first_pass + float(cost["flops"]) * num_microbatches * self.num_devices
+        return first_pass + flops * num_microbatches * self.num_devices
 
     def accumulate(
         self,

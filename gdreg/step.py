@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gdreg import modifications
-from gdreg.fullbatch import FullBatchGradient, FullBatchResult
+from gdreg.fullbatch import FullBatchGradient, FullBatchResult, compiled_flops
 from gdreg.sharding import DATA_AXIS, fetch_replicated
 from gdreg.types import PyTree
 
@@ -144,6 +143,14 @@ def _moving_average(ema: PyTree, current: PyTree, momentum: jax.Array) -> PyTree
     )
 
 
+def _epoch_carry(state: tuple[PyTree, PyTree, PyTree, PyTree]) -> tuple:
+    """What the SGD steps of an epoch hand on: the state, zero metric sums, healthy, no bad
+    step yet (-1)."""
+    dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(state[0])), jnp.float32)
+    sums = {key: jnp.zeros((), dtype) for key in STEP_METRICS}
+    return state, sums, jnp.asarray(True), jnp.asarray(-1, jnp.int32)
+
+
 class TrainStep:
     """The training step of a run: :meth:`fullbatch` or :meth:`stochastic_epoch`.
 
@@ -168,7 +175,6 @@ class TrainStep:
     ) -> None:
         self.engine = engine
         self.mesh = engine.mesh
-        self.tx = tx
         self.sam_rho = sam_rho
         self.line_search = line_search
         self._forward: FullBatchGradient | None = None  # the line search's loss (lazily)
@@ -324,11 +330,8 @@ class TrainStep:
         order = jax.make_array_from_callback(
             minibatches.shape, self._order_sharding, lambda index: minibatches[index]
         )
-        dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(state[0])), jnp.float32)
-        sums = {key: jnp.zeros((), dtype) for key in STEP_METRICS}
         # The steps donate their state to the next; the caller's arrays stay valid.
-        state = jax.tree.map(jnp.copy, state)
-        carry: Any = (state, sums, jnp.asarray(True), jnp.asarray(-1, jnp.int32))
+        carry = _epoch_carry(jax.tree.map(jnp.copy, state))
         first, epoch_scalar = jnp.asarray(first_step, jnp.int32), jnp.asarray(epoch, jnp.int32)
         for index in range(minibatches.shape[0]):
             carry = self._minibatch(carry, order, index, first, epoch_scalar, data)
@@ -348,15 +351,6 @@ class TrainStep:
         """XLA's FLOP count of one SGD step on ``batch_size`` images, per device (None where
         the backend reports none). With the minibatch split over N devices it is about 1/N
         of the one-device count."""
-        dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(state[0])), jnp.float32)
-        sums = {key: jnp.zeros((), dtype) for key in STEP_METRICS}
-        carry = (state, sums, jnp.asarray(True), jnp.asarray(-1, jnp.int32))
         order = jax.ShapeDtypeStruct((1, batch_size), jnp.int32, sharding=self._order_sharding)
         scalar = jnp.asarray(0, jnp.int32)
-        try:
-            compiled = self._minibatch.lower(carry, order, 0, scalar, scalar, data).compile()
-            cost = compiled.cost_analysis()
-        except Exception:  # cost analysis is best effort and missing on some backends
-            return None
-        cost = cost[0] if isinstance(cost, list) else cost
-        return float(cost["flops"]) if cost and "flops" in cost else None
+        return compiled_flops(self._minibatch, _epoch_carry(state), order, 0, scalar, scalar, data)

@@ -112,7 +112,7 @@ def run_epoch(run: Run, state: TrainState, step: TrainStep) -> tuple[TrainState,
     if run.plan.mode_of(epoch) == "fullbatch":
         (layout,) = layouts
         parts, sums, healthy = step.fullbatch(parts, run.train_data, layout, first_step, epoch)
-        first_bad = jax.numpy.where(healthy, -1, first_step)
+        first_bad = first_step  # the epoch's one step (read only when it was not applied)
     else:
         parts, sums, healthy, first_bad = step.stochastic_epoch(
             parts, run.train_data, np.concatenate(layouts), first_step, epoch
@@ -188,9 +188,11 @@ def fitted(train_accuracies: list[float], epochs: int) -> bool:
 def _previous_accuracies(previous: list[dict[str, Any]], count: int) -> list[float]:
     """The training accuracies of the last ``count`` epochs before a resume, as process 0
     read them from ``metrics.jsonl`` (only it reads the file), on every process."""
+    if not count:
+        return []
     accuracies = [r["train_accuracy"] for r in previous if "train_accuracy" in r][-count:]
-    if not count or jax.process_count() == 1:
-        return accuracies if count else []
+    if jax.process_count() == 1:
+        return accuracies
     from jax.experimental import multihost_utils
 
     buffer = np.full(count, np.nan)
@@ -380,19 +382,22 @@ def _train(
         None,
     )
 
-    def evaluate(state: TrainState) -> tuple[TrainState, dict[str, float]]:
+    def on_test_set(state, params, statistics, suffix=""):
         if run.statistics_engine is not None:  # train.batchnorm_statistics="recompute"
-            statistics = replicate(recompute_statistics(run, state), run.mesh)
-            state = state._replace(model_state=statistics)  # kept in the checkpoint
-        result = run.evaluator(state.params, state.model_state, run.test_data, run.dataset.num_test)
-        metrics = {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+            at_params = state._replace(params=params)
+            statistics = replicate(recompute_statistics(run, at_params), run.mesh)
+        result = run.evaluator(params, statistics, run.test_data, run.dataset.num_test)
+        return statistics, {
+            f"test_loss{suffix}": result["loss"],
+            f"test_accuracy{suffix}": result["accuracy"],
+        }
+
+    def evaluate(state: TrainState) -> tuple[TrainState, dict[str, float]]:
+        statistics, metrics = on_test_set(state, state.params, state.model_state)
+        state = state._replace(model_state=statistics)  # recomputed ones stay in the checkpoint
         if config.eval.ema:  # the moving average, evaluated beside the weights themselves
-            params, statistics = state.ema["params"], state.ema["model_state"]
-            if run.statistics_engine is not None:
-                at_average = state._replace(params=params)
-                statistics = replicate(recompute_statistics(run, at_average), run.mesh)
-            result = run.evaluator(params, statistics, run.test_data, run.dataset.num_test)
-            metrics.update(test_loss_ema=result["loss"], test_accuracy_ema=result["accuracy"])
+            average = state.ema
+            metrics.update(on_test_set(state, average["params"], average["model_state"], "_ema")[1])
         return state, metrics
 
     def save(state: TrainState) -> None:
@@ -401,9 +406,9 @@ def _train(
     record: dict[str, Any] = {}
     fit_for = config.train.stop_at_full_accuracy
     accuracies = _previous_accuracies(metrics_writer.previous, fit_for)
-    for epoch in range(start_epoch, epochs):
-        if fitted(accuracies, fit_for):
-            break
+    # A run that stopped at 100% training accuracy stays stopped.
+    first_epoch = epochs if fitted(accuracies, fit_for) else start_epoch
+    for epoch in range(first_epoch, epochs):
         state, record = run_epoch(run, state, train_step)
         accuracies.append(record["train_accuracy"])
         done = epoch + 1
