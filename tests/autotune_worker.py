@@ -6,22 +6,12 @@ candidate on process 1 only); every process must end with process 0's decisions.
 """
 
 import json
-import os
-import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import two_processes
 
-import jax
+process_id, out = two_processes.join()
 
-process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=2,
-    process_id=process_id,
-    initialization_timeout=60,
-)
-sys.path.insert(0, os.path.dirname(__file__))
+import jax  # noqa: E402
 import problems  # noqa: E402
 
 from gdreg import autotune  # noqa: E402
@@ -29,7 +19,6 @@ from gdreg.autotune import LoopShape  # noqa: E402
 from gdreg.fullbatch import FullBatchGradient, block_layout  # noqa: E402
 from gdreg.sharding import data_mesh  # noqa: E402
 
-assert jax.device_count() == 4, jax.devices()
 FASTEST = {0: LoopShape(2, "python", "vmap"), 1: LoopShape(1, "scan", "unroll")}[process_id]
 OUT_OF_MEMORY = LoopShape(2, "python", "vmap")
 

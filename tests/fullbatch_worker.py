@@ -3,31 +3,19 @@
 Each process has 2 CPU devices; together they form a 4-device mesh over loopback.
 """
 
-import os
-import sys
+import two_processes
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+_, out = two_processes.join()
 
-import jax
-import numpy as np
-from jax.flatten_util import ravel_pytree
-
-process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=2,
-    process_id=process_id,
-    initialization_timeout=60,
-)
-sys.path.insert(0, os.path.dirname(__file__))
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import problems  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from gdreg import gradient_norm_penalty  # noqa: E402
 from gdreg.fullbatch import FullBatchGradient, block_layout  # noqa: E402
 from gdreg.sharding import data_mesh, fetch_replicated, replicate  # noqa: E402
 
-assert jax.device_count() == 4, jax.devices()
 mesh = data_mesh()
 params, model_state = problems.init()
 penalty = gradient_norm_penalty(strength=0.5, learning_rate=0.1)

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import problems
 import pytest
+import two_processes
 from jax.flatten_util import ravel_pytree
 from problems import tiny_run_config
 
@@ -335,32 +333,9 @@ def test_stochastic_steps_take_one_block_per_call(tiny, fake_timer, tmp_path, mo
 # ----- several processes --------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_every_process_takes_process_zeros_decisions(tmp_path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     outs = [tmp_path / f"process{i}.json" for i in range(2)]
-    workers = [
-        subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "autotune_worker.py"), str(i), str(port), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i, out in enumerate(outs)
-    ]
-    try:
-        logs = [worker.communicate(timeout=180)[0].decode(errors="replace") for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, log in zip(workers, logs, strict=True):
-        assert worker.returncode == 0, log[-3000:]
+    two_processes.run_workers("autotune_worker.py", outs, timeout=180)
     results = [json.loads(out.read_text()) for out in outs]
     for result in results:
         assert result["choice"] == [2, "python", "vmap"]  # process 0's fastest

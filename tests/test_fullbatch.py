@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import problems
 import pytest
+import two_processes
 from jax.flatten_util import ravel_pytree
 
 from gdreg import gradient_norm_penalty
@@ -177,42 +175,13 @@ def test_bad_knobs_are_rejected():
         FullBatchGradient(problems.loss_fn, problems.batch_fn, mesh=mesh, blocks_per_microbatch=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_equal_one_process_with_four_devices(setup, tmp_path):
     params, model_state, layout = setup
     expected = sharded_full_batch(
         params, model_state, layout, devices=jax.devices()[:4], penalty=PENALTY
     )
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     outs = [tmp_path / f"process{i}.npz" for i in range(2)]
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(HERE, "fullbatch_worker.py"),
-                str(i),
-                str(port),
-                str(out),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i, out in enumerate(outs)
-    ]
-    try:
-        logs = [worker.communicate(timeout=240)[0].decode(errors="replace") for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, log in zip(workers, logs, strict=True):
-        assert worker.returncode == 0, log[-3000:]
+    two_processes.run_workers("fullbatch_worker.py", outs, timeout=240)
     for out in outs:
         got = np.load(out)
         np.testing.assert_allclose(got["grads"], expected["grads"], rtol=2e-5, atol=1e-6)

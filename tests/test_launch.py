@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import two_processes
 
 from gdreg import distributed, exitcodes
 
@@ -46,12 +46,6 @@ TINY = [
 ]
 TIMING_KEYS = {"seconds", "images_per_second"}
 RUN_TIMEOUT = 240  # seconds for one end-to-end run on 2 busy cores (a run takes ~15 s of CPU)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
@@ -197,7 +191,7 @@ def test_two_processes_equal_one_process_with_four_devices(processes, tmp_path):
         [str(LAUNCH / "single_node.sh"), "--config", CONFIG, *TINY, "--workdir", str(single)],
         _env(4),
     )
-    port = _free_port()
+    port = two_processes.free_port()
     for i in range(2):
         processes.start(
             f"process{i}", _main("--workdir", str(workdir), *_process_flags(port, i)), _env(2)
@@ -275,7 +269,7 @@ def _fake_slurm(tmp_path: Path, nodes: int, **extra: str) -> dict[str, str]:
         SLURM_PROCID="0",
         SLURM_CPUS_ON_NODE="2",
         SLURM_SUBMIT_DIR=str(REPO),
-        JAX_COORDINATOR_PORT=str(_free_port()),
+        JAX_COORDINATOR_PORT=str(two_processes.free_port()),
     )
     env.update(extra)
     return env
@@ -374,7 +368,7 @@ def test_slurm_script_requeues_after_checkpoint_stop(tmp_path):
 
 @pytest.mark.slow
 def test_mismatched_configs_fail_fast_with_one_line(processes, tmp_path):
-    port = _free_port()
+    port = two_processes.free_port()
     for i in range(2):
         epochs = [f"--config.train.epochs={3 + i}"]
         args = _main("--workdir", str(tmp_path / "run"), *_process_flags(port, i), *epochs)
@@ -390,7 +384,7 @@ def test_mismatched_configs_fail_fast_with_one_line(processes, tmp_path):
 
 @pytest.mark.slow
 def test_missing_process_times_out_with_one_line(processes, tmp_path):
-    port = _free_port()
+    port = two_processes.free_port()
     args = _main("--workdir", str(tmp_path / "run"), *_process_flags(port, 0))
     args[-1] = "--initialization_timeout=3"
     proc = processes.start("process0", args, _env(2))

@@ -56,7 +56,7 @@ def test_stochastic_sam_is_data_parallel():
     """SAM on every minibatch, split over 2 devices, equals its one-device run (whether it is
     SAM at all is checked on the full-batch step above: the same _perturbed and the same
     bookkeeping)."""
-    config = sgd_config(**{"optim.modification": "sam", "optim.sam_rho": 0.1})
+    config = sgd_config(optim__modification="sam", optim__sam_rho=0.1)
     one, _ = train_epochs(build_on(config, 1), 1)
     two, records = train_epochs(build_on(config, 2), 1)
     jax.tree.map(

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import optax
 import pytest
-from problems import register_tiny_batchnorm_model, tiny_run_config
+from problems import register_tiny_batchnorm_model
+from test_train import tiny_config
 
 from gdreg import experiment, train
 from gdreg.batchnorm import TORCH_MOMENTUM
@@ -21,21 +22,22 @@ from gdreg.sharding import data_mesh, replicate
 TINY_BATCHNORM = register_tiny_batchnorm_model()
 
 
-def sgd_config(**changes):
-    config = tiny_run_config()
-    config.model.name = TINY_BATCHNORM
-    config.train.mode = "stochastic"
-    config.train.batch_size = 32
-    config.train.epochs = 2
-    config.optim.lr = 0.3
-    config.optim.warmup_epochs = 0
-    config.optim.cosine_epochs = 4
-    config.optim.clip_norm = 0.0
-    config.penalty.strength = 0.0
-    for dotted, value in changes.items():
-        section, field = dotted.split(".")
-        config[section][field] = value
-    return config
+def sgd_config(**overrides):
+    """:func:`test_train.tiny_config` as an SGD run of the two-BatchNorm-layer model: 4
+    minibatches of 32 per epoch, no warmup, no clipping, no penalty (``section__field``
+    overrides as there)."""
+    settings = {
+        "model__name": TINY_BATCHNORM,
+        "train__mode": "stochastic",
+        "train__batch_size": 32,
+        "train__epochs": 2,
+        "optim__lr": 0.3,
+        "optim__warmup_epochs": 0,
+        "optim__cosine_epochs": 4,
+        "optim__clip_norm": 0.0,
+        "penalty__strength": 0.0,
+    }
+    return tiny_config(**{**settings, **overrides})
 
 
 def build_on(config, devices):
@@ -105,7 +107,7 @@ def test_sgd_on_n_devices_follows_the_one_device_loop(naive, devices):
 
 def test_sgd_with_the_penalty_equals_its_one_device_run():
     """The penalty on each minibatch (jvp: exact, so float32 rounding is not amplified)."""
-    config = sgd_config(**{"penalty.strength": 0.5, "penalty.method": "jvp"})
+    config = sgd_config(penalty__strength=0.5, penalty__method="jvp")
     one, _ = train_epochs(build_on(config, 1), 1)
     four, _ = train_epochs(build_on(config, 4), 1)
     plain, _ = train_epochs(build_on(sgd_config(), 1), 1)
@@ -123,7 +125,7 @@ def test_sgd_with_the_penalty_equals_its_one_device_run():
 def test_work_per_device_falls_as_one_over_the_devices():
     flops = {}
     for devices in (1, 8):
-        run = build_on(sgd_config(**{"train.batch_size": 64}), devices)
+        run = build_on(sgd_config(train__batch_size=64), devices)
         state = replicate(experiment.initial_state(run), run.mesh)
         parts = (state.params, state.opt_state, state.model_state, state.penalty_state)
         flops[devices] = train.make_step(run).minibatch_flops(parts, run.train_data, 64)
@@ -133,11 +135,11 @@ def test_work_per_device_falls_as_one_over_the_devices():
 
 def test_a_minibatch_that_does_not_split_over_the_devices_is_a_config_error():
     with pytest.raises(ConfigError, match=r"train\.batch_size 12 does not split evenly over the 8"):
-        experiment.build(sgd_config(**{"train.batch_size": 12}))
+        experiment.build(sgd_config(train__batch_size=12))
 
 
 def test_a_diverging_step_is_not_applied():
-    run = build_on(sgd_config(**{"optim.lr": 1e30}), 2)
+    run = build_on(sgd_config(optim__lr=1e30), 2)
     state = replicate(experiment.initial_state(run), run.mesh)
     parts = (state.params, state.opt_state, state.model_state, state.penalty_state)
     order = np.concatenate(experiment.epoch_layouts(run, 0))
