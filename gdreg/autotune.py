@@ -306,16 +306,26 @@ def with_loop_shape(run: Run, shape: LoopShape) -> Run:
 
 
 def _stored(workdir: str) -> LoopShape | None:
-    """The shape in ``workdir``'s loop_shape.json (None without one), checked."""
-    values = rundir.read_loop_shape(workdir)
-    if values is None:
-        return None
-    shape = LoopShape(**{field: values[field] for field in LoopShape._fields})
-    if shape.microbatch_loop not in MICROBATCH_LOOPS or shape.block_loop not in BLOCK_LOOPS:
+    """The shape in ``workdir``'s loop_shape.json (None without one), checked; a damaged file
+    is a :class:`RunDirError` that says how to go on."""
+    try:
+        values = rundir.read_loop_shape(workdir)
+        if values is None:
+            return None
+        shape = LoopShape(**{field: values[field] for field in LoopShape._fields})
+        if shape.microbatch_loop not in MICROBATCH_LOOPS or shape.block_loop not in BLOCK_LOOPS:
+            raise RunDirError(
+                f"{rundir.loop_shape_path(workdir)}: unknown loop kinds in "
+                f"{dict(shape._asdict())}; microbatch_loop is one of {MICROBATCH_LOOPS}, "
+                f"block_loop one of {BLOCK_LOOPS}"
+            )
+    except RunDirError as error:
         raise RunDirError(
-            f"{rundir.loop_shape_path(workdir)}: unknown loop kinds in {dict(shape._asdict())}; "
-            f"microbatch_loop is one of {MICROBATCH_LOOPS}, block_loop one of {BLOCK_LOOPS}"
-        )
+            f"{error}; set train.blocks_per_microbatch, train.microbatch_loop and "
+            "train.block_loop to the shape the run trained with, or delete the file to choose "
+            "again (the resumed run may then differ from an uninterrupted one in float32 "
+            "rounding)"
+        ) from None
     return shape
 
 

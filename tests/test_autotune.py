@@ -285,7 +285,9 @@ def test_auto_on_cpu_off_and_old_resumed_runs_take_the_defaults(tiny, fake_timer
 def test_a_damaged_shape_file_is_an_error_unless_every_field_is_set(tiny, fake_timer, tmp_path):
     run, state = tiny
     (tmp_path / rundir.LOOP_SHAPE_FILE).write_text('{"blocks_per_microbatch": 0}')
-    with pytest.raises(RunDirError, match=r"loop_shape\.json: not a loop shape"):
+    with pytest.raises(
+        RunDirError, match=r"loop_shape\.json: not a loop shape.*or delete the file"
+    ):
         autotune.choose_loop_shape(run, state, str(tmp_path))
     fixed = tiny_config(blocks_per_microbatch=1, microbatch_loop="scan", block_loop="unroll")
     chosen = autotune.choose_loop_shape(experiment.build(fixed, run.dataset), state, str(tmp_path))
