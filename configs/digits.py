@@ -20,7 +20,7 @@ All use Nesterov momentum 0.9 and weight decay 5e-4, as the paper. The full-batc
 schedule keeps the paper's proportions (warmup 10% of the run, cosine horizon 4/3 of it).
 """
 
-from gdreg.config import base_config
+from gdreg.program.config import base_config
 
 VARIANTS = ("sgd", "fb", "fb_clip", "fb_clip_reg")
 # The paper's table row each variant stands for (the report's row titles).

@@ -3,16 +3,16 @@
     python -m gdreg.main --config configs/paper.py:resnet50,strong --workdir runs/resnet50/strong
 
 ``MODEL`` is any registered model (the paper's Table 2 uses ``resnet50``, ``resnet152`` and
-``densenet121``; default ``resnet18``), ``ROW`` a row of ``gdreg.config.PAPER_TABLE``
+``densenet121``; default ``resnet18``), ``ROW`` a row of ``gdreg.program.config.PAPER_TABLE``
 (default ``regularized``): ``sgd``, ``fb_baseline``, ``longer``, ``clipped``, ``regularized``,
 ``strong``, ``practice``, and the fixed-dataset rows ``sgd_noaug``, ``strong_noaug``,
 ``sgd_copies``, ``fb_copies``, ``strong_copies``. Either part may be given alone
 (``paper.py:densenet121``, ``paper.py:strong``); with no argument this is the paper's
-"FB regularized" ResNet-18 run, i.e. every field at its default (``gdreg/config.py``).
+"FB regularized" ResNet-18 run, i.e. every field at its default (``gdreg/program/config.py``).
 """
 
-from gdreg.config import PAPER_TABLE, ConfigError, paper_config
 from gdreg.models import model_names
+from gdreg.program.config import PAPER_TABLE, ConfigError, paper_config
 
 
 def get_config(arg: str = ""):

@@ -22,7 +22,7 @@ images, 40 steps, clipping and the penalty on); add ``--config.data.name=synthet
 CIFAR-10 cannot be downloaded.
 """
 
-from gdreg.config import PAPER_TABLE, ConfigError, paper_config
+from gdreg.program.config import PAPER_TABLE, ConfigError, paper_config
 
 VARIANTS = (*PAPER_TABLE, "quick")
 

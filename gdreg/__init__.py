@@ -3,50 +3,34 @@
 Reimplements Geiping, Goldblum, Pope, Moeller, Goldstein, "Stochastic Training is Not
 Necessary for Generalization", ICLR 2022 (arXiv 2109.14119).
 
-The public API is the penalty (:mod:`gdreg.penalty`) and its Flax helpers
-(:mod:`gdreg.flax_helpers`); they need only jax, flax and optax. Names are imported on first
-use, so that the JAX-free modules (``gdreg.config``, ``gdreg.rundir``, and the report built on
-them) load without JAX.
+The public API is the penalty (:mod:`gdreg.penalty`: the transform, the drop-in and its Flax
+helpers); it needs only jax, flax and optax. The packages, each importing only those below it
+(docs/architecture.md):
+
+    tools/     report, landscape, precision, bench: programs around finished runs
+    program/   the training program: config, experiment, loop, checkpoints, run directory
+    engine/    the sharded full-batch gradient, the training step, evaluation, loop shapes
+    optim/ models/ data/   the optax chain; the model zoo; datasets and augmentation
+    penalty/   the gradient-norm penalty
+
+Names are imported on first use, so that the JAX-free modules (the config schema, the run
+directory, and the report built on them) load without JAX.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gdreg.flax_helpers import PenaltyTrainState, nnx_value_and_penalized_grad
-    from gdreg.penalty import (
-        GradientNormPenaltyState,
-        gradient_norm_penalty,
-        hessian_vector_product,
-        penalized_gradient,
-        value_and_penalized_grad,
-    )
+from gdreg.penalty import __all__ as _PENALTY_NAMES
 
-_HOMES = {
-    "GradientNormPenaltyState": "gdreg.penalty",
-    "gradient_norm_penalty": "gdreg.penalty",
-    "hessian_vector_product": "gdreg.penalty",
-    "penalized_gradient": "gdreg.penalty",
-    "value_and_penalized_grad": "gdreg.penalty",
-    "PenaltyTrainState": "gdreg.flax_helpers",
-    "nnx_value_and_penalized_grad": "gdreg.flax_helpers",
-}
-__all__ = [
-    "GradientNormPenaltyState",
-    "PenaltyTrainState",
-    "gradient_norm_penalty",
-    "hessian_vector_product",
-    "nnx_value_and_penalized_grad",
-    "penalized_gradient",
-    "value_and_penalized_grad",
-]
+#: The penalty's public names (:mod:`gdreg.penalty`), re-exported.
+__all__ = list(_PENALTY_NAMES)
+_PACKAGES = ("penalty", "optim", "models", "data", "engine", "program", "tools")
 
 
 def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    if name in ("penalty", "flax_helpers"):  # ``import gdreg; gdreg.penalty`` works too
+    if name in __all__:
+        return getattr(importlib.import_module("gdreg.penalty"), name)
+    if name in _PACKAGES:  # ``import gdreg; gdreg.penalty`` works too
         return importlib.import_module(f"gdreg.{name}")
     raise AttributeError(f"module 'gdreg' has no attribute {name!r}")

@@ -4,8 +4,8 @@ Fields are overridden as ``--config.optim.lr=0.4``. When started as one of sever
 (SLURM, or ``--coordinator_address`` with ``--num_processes``/``--process_id``), the JAX
 distributed runtime is initialized first; see ``launch/``.
 
-Exit codes (:mod:`gdreg.exitcodes`): 0 done; 2 a flag, config, dataset or run-directory error
-(one ``error:`` line; also: the processes got different configs, incomplete multi-process
+Exit codes (:mod:`gdreg.program.exitcodes`): 0 done; 2 a flag, config, dataset or run-directory
+error (one ``error:`` line; also: the processes got different configs, incomplete multi-process
 flags, the workdir is in use by another run, a resume with a changed config needs
 ``--allow_config_change``, no checkpoint can be read); 3 training diverged; 4 not all
 processes joined within ``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT at any
@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdreg import cli, exitcodes, preemption
+from gdreg.program import cli, exitcodes, preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -57,7 +57,7 @@ def _start(stop: preemption.StopRequest) -> int:
     # Libraries that log through absl (orbax: dozens of lines per checkpoint) speak only up
     # from warnings; gdreg's own messages go through the root logger.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from gdreg import distributed
+    from gdreg.program import distributed
 
     train_config = FLAGS.config.get("train", {})
     distributed.configure_cpu_devices(
@@ -88,7 +88,9 @@ def _start(stop: preemption.StopRequest) -> int:
 
 
 def _train(stop: preemption.StopRequest) -> int:
-    from gdreg import config, data, rundir, train
+    from gdreg import data
+    from gdreg.program import config, rundir
+    from gdreg.program import loop as train
 
     try:
         record = train.train_and_evaluate(

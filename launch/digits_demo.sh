@@ -5,7 +5,7 @@
 #
 # Trains configs/digits.py's four variants (sgd, fb, fb_clip, fb_clip_reg) one after the
 # other into OUT_DIR/<variant> (default: runs/digits), then writes OUT_DIR/report.md and
-# OUT_DIR/curves.png with `python -m gdreg.report`. FLAGs go to every `python -m gdreg.main`
+# OUT_DIR/curves.png with `python -m gdreg.tools.report`. FLAGs go to every `python -m gdreg.main`
 # call, e.g. --config.seed=1. A finished variant is not trained again (its workdir resumes
 # from the final checkpoint); delete OUT_DIR to start over. PYTHON picks the interpreter
 # (default: the checkout's .venv/bin/python if there is one, else python).
@@ -26,5 +26,5 @@ for variant in "${VARIANTS[@]}"; do
   "$PYTHON" -m gdreg.main --config "configs/digits.py:$variant" --workdir "$OUT/$variant" "$@"
   echo "== $variant: $((SECONDS - start)) s"
 done
-"$PYTHON" -m gdreg.report "${VARIANTS[@]/#/$OUT/}" --out "$OUT"
+"$PYTHON" -m gdreg.tools.report "${VARIANTS[@]/#/$OUT/}" --out "$OUT"
 echo "== all four variants and the report: $((SECONDS - began)) s"

@@ -13,7 +13,7 @@
 #      device's peak FLOP rate;
 #   2. SGD (the paper's baseline, batch 128; configs/resnet18_fb.py:sgd) in float32 and
 #      bfloat16: images per second over one epoch of minibatch steps.
-# FLAGs go to every `python -m gdreg.bench` call (e.g. --config.penalty.method=jvp).
+# FLAGs go to every `python -m gdreg.tools.bench` call (e.g. --config.penalty.method=jvp).
 #
 # Knobs (environment variables):
 #   GPUS=0          GPUs to use, exported as CUDA_VISIBLE_DEVICES (default: all visible).
@@ -53,7 +53,7 @@ for dtype in float32 bfloat16; do
     full_batch=(--config configs/resnet18_fb.py:regularized --config.train.block_size="$block"
       --config.model.dtype="$dtype" --images "$IMAGES")
     echo "== full batch, blocks of $block, $dtype: the autotuner's table"
-    "$PYTHON" -m gdreg.bench "${full_batch[@]}" --sweep \
+    "$PYTHON" -m gdreg.tools.bench "${full_batch[@]}" --sweep \
       --config.train.autotune_seconds="$AUTOTUNE_SECONDS" "$@" | tee "$sweep_output"
     # The chosen shape, timed alone in a fresh process (its peak memory is its own).
     chosen=()
@@ -62,11 +62,11 @@ for dtype in float32 bfloat16; do
       chosen+=(--config.train."$field"="$value")
     done
     echo "== full batch, blocks of $block, $dtype: the chosen shape"
-    "$PYTHON" -m gdreg.bench "${full_batch[@]}" "${chosen[@]}" --steps "$STEPS" "$@"
+    "$PYTHON" -m gdreg.tools.bench "${full_batch[@]}" "${chosen[@]}" --steps "$STEPS" "$@"
   done
 done
 for dtype in float32 bfloat16; do
   echo "== SGD, batch 128, $dtype"
-  "$PYTHON" -m gdreg.bench --config configs/resnet18_fb.py:sgd --config.model.dtype="$dtype" \
+  "$PYTHON" -m gdreg.tools.bench --config configs/resnet18_fb.py:sgd --config.model.dtype="$dtype" \
     --images "$IMAGES" --steps "$STEPS" "$@"
 done

@@ -62,14 +62,14 @@ if [[ ! -f "$config_file" ]]; then
   exit 2
 fi
 
-# Row lists from gdreg.config, so that this script follows the code.
+# Row lists from gdreg.program.config, so that this script follows the code.
 rows_from_code() {
   local python="${PYTHON:-}"
   if [[ -z "$python" ]]; then
     if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; else python=python; fi
   fi
   PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -c \
-    "import gdreg.config as c; print(' '.join($1))"
+    "import gdreg.program.config as c; print(' '.join($1))"
 }
 case "$ROWS" in
   paper) rows="$(rows_from_code c.PAPER_ROWS)" ;;

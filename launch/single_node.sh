@@ -4,7 +4,7 @@
 #   launch/single_node.sh --config configs/resnet18_fb.py:regularized --workdir runs/reg [--config.X=Y ...]
 #
 # Every argument is passed to `python -m gdreg.main` unchanged. JAX runs data parallel over
-# all local devices of one process (gdreg.fullbatch shards the blocks over a device mesh), so
+# all local devices of one process (gdreg.engine.fullbatch shards the blocks over a device mesh), so
 # no extra processes are started; for several machines use launch/slurm.sbatch. Run it from
 # the repository root (relative --config and --workdir paths are taken from the current
 # directory). Rerunning with the same --workdir resumes from its last checkpoint.

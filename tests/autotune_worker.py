@@ -14,10 +14,11 @@ process_id, out = two_processes.join()
 import jax  # noqa: E402
 import problems  # noqa: E402
 
-from gdreg import autotune  # noqa: E402
-from gdreg.autotune import LoopShape  # noqa: E402
-from gdreg.fullbatch import FullBatchGradient, block_layout  # noqa: E402
-from gdreg.sharding import data_mesh  # noqa: E402
+from gdreg.engine import loop_shape  # noqa: E402
+from gdreg.engine.fullbatch import FullBatchGradient, block_layout  # noqa: E402
+from gdreg.engine.loop_shape import LoopShape  # noqa: E402
+from gdreg.engine.mesh import data_mesh  # noqa: E402
+from gdreg.program import autotune  # noqa: E402
 
 FASTEST = {0: LoopShape(2, "python", "vmap"), 1: LoopShape(1, "scan", "unroll")}[process_id]
 OUT_OF_MEMORY = LoopShape(2, "python", "vmap")
@@ -30,16 +31,16 @@ def fake_time_shape(engine, arguments, layout, steps):
     return 0.0, 1.0 if shape == FASTEST else 2.0
 
 
-autotune._time_shape = fake_time_shape
+loop_shape._time_shape = fake_time_shape
 engine = FullBatchGradient(problems.loss_fn, problems.batch_fn, mesh=data_mesh())
 layout = block_layout(problems.NUM_IMAGES, problems.BLOCK_SIZE)  # 8 blocks, 2 per device
 default = LoopShape(1, "python", "unroll")
-shapes = autotune.candidate_shapes({}, 2, default)
-arguments = autotune.EngineArguments(None, None, None, None, 0)
+shapes = loop_shape.candidate_shapes({}, 2, default)
+arguments = loop_shape.EngineArguments(None, None, None, None, 0)
 # Process 1 alone would time nothing.
 budget = 1e9 if process_id == 0 else 0.0
-trials = autotune.time_loop_shapes(engine, arguments, layout, shapes, budget_seconds=budget)
-choice = autotune.fastest(trials, default)
+trials = loop_shape.time_loop_shapes(engine, arguments, layout, shapes, budget_seconds=budget)
+choice = loop_shape.fastest(trials, default)
 stored = autotune._broadcast_shape(LoopShape(4, "scan", "vmap") if process_id == 0 else None)
 with open(out, "w") as handle:
     json.dump(

@@ -13,8 +13,8 @@ import problems  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from gdreg import gradient_norm_penalty  # noqa: E402
-from gdreg.fullbatch import FullBatchGradient, block_layout  # noqa: E402
-from gdreg.sharding import data_mesh, fetch_replicated, replicate  # noqa: E402
+from gdreg.engine.fullbatch import FullBatchGradient, block_layout  # noqa: E402
+from gdreg.engine.mesh import data_mesh, fetch_replicated, replicate  # noqa: E402
 
 mesh = data_mesh()
 params, model_state = problems.init()

@@ -94,7 +94,7 @@ def tiny_run_config():
 
     Callers set the mode, epochs, blocks and schedule they test.
     """
-    from gdreg.config import base_config
+    from gdreg.program.config import base_config
 
     config = base_config()
     config.model.name = "convnet1"

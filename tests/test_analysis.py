@@ -1,7 +1,7 @@
-"""gdreg.analysis against naive per-block loops, and the engine's optional block moments.
+"""gdreg.program.analysis against naive per-block loops, and the engine's optional block moments.
 
-Every metric of :func:`gdreg.analysis.analysis_metrics` is recomputed here block by block with
-``jax.grad`` on one device and numpy reductions in float64, for layouts on 1, 2, 3 and 8
+Every metric of :func:`gdreg.program.analysis.analysis_metrics` is recomputed here block by block
+with ``jax.grad`` on one device and numpy reductions in float64, for layouts on 1, 2, 3 and 8
 devices, most of them padded with zero-weight blocks.
 """
 
@@ -18,12 +18,13 @@ import problems
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from gdreg import analysis, experiment, gradient_norm_penalty
-from gdreg import config as config_lib
-from gdreg.fullbatch import FullBatchGradient, block_layout
-from gdreg.landscape import random_direction
+from gdreg import gradient_norm_penalty
+from gdreg.engine.directions import random_direction
+from gdreg.engine.fullbatch import FullBatchGradient, block_layout
+from gdreg.engine.mesh import data_mesh, fetch_replicated, replicate
 from gdreg.models import layers, registry
-from gdreg.sharding import data_mesh, fetch_replicated, replicate
+from gdreg.program import analysis, experiment
+from gdreg.program import config as config_lib
 
 MODEL_NAME = "analysis_tiny_bn"
 EPOCH = 3  # the state after 3 epochs: the blocks and augmentation of epoch 3
@@ -105,7 +106,7 @@ def block_inputs(run, layout, step):
 
 def naive_metrics(run, host):
     """Every analysis metric but flatness, from a plain loop over blocks."""
-    layout = experiment.epoch_layouts(run, EPOCH)[0]
+    layout = run.epoch_layouts(EPOCH)[0]
     num_blocks, block_size = layout.shape
     assert num_blocks == NUM_IMAGES // BLOCK_SIZE
 
@@ -185,7 +186,7 @@ def test_flatness_walks_the_direction_until_the_evaluation_loss_exceeds_the_thre
     run, host = setup
     run = on_devices(run, 8)
     step_size = 0.5
-    layout = experiment.epoch_layouts(run, EPOCH)[0]
+    layout = run.epoch_layouts(EPOCH)[0]
     inputs = block_inputs(run, layout, EPOCH)
     direction = random_direction(host.params, run.config.seed, EPOCH)
     direction_norm = np.linalg.norm(np.asarray(ravel_pytree(direction)[0], np.float64))
@@ -385,7 +386,7 @@ def test_bad_analysis_fields_are_named(field, value):
     config = config_lib.base_config()
     config_lib.set_field(config, field, value)
     with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
-        config_lib.validate(config)
+        experiment.validate(config)
 
 
 def test_analysis_is_off_by_default_and_may_change_on_resume():
@@ -399,7 +400,7 @@ def test_analysis_is_off_by_default_and_may_change_on_resume():
 
 
 def test_analysis_metrics_have_their_own_tensorboard_group():
-    from gdreg import summaries
+    from gdreg.program import summaries
 
     assert summaries.tag("analysis_grad_snr") == "analysis/grad_snr"
     assert summaries.tag("train_loss") == "train/loss"

@@ -1,6 +1,6 @@
-"""The loop-shape autotuner (gdreg.autotune): candidates, timing, the stored choice, resume.
+"""The loop-shape autotuner (gdreg.program.autotune): candidates, timing, the stored choice, resume.
 
-Most tests fake the timer (``autotune._time_shape``) so that a known shape wins and every
+Most tests fake the timer (``loop_shape._time_shape``) so that a known shape wins and every
 timing is counted; the real timer runs in tests/test_bench.py (``--sweep``).
 """
 
@@ -19,11 +19,14 @@ import two_processes
 from jax.flatten_util import ravel_pytree
 from problems import tiny_run_config
 
-from gdreg import autotune, experiment, gradient_norm_penalty, rundir, train
-from gdreg.autotune import LoopShape
-from gdreg.fullbatch import FullBatchGradient, block_layout
-from gdreg.rundir import RunDirError
-from gdreg.sharding import data_mesh, fetch_replicated, replicate
+from gdreg import gradient_norm_penalty
+from gdreg.engine import loop_shape
+from gdreg.engine.fullbatch import FullBatchGradient, block_layout
+from gdreg.engine.loop_shape import LoopShape
+from gdreg.engine.mesh import data_mesh, fetch_replicated, replicate
+from gdreg.program import autotune, experiment, rundir
+from gdreg.program import loop as train
+from gdreg.program.rundir import RunDirError
 
 HERE = os.path.dirname(__file__)
 DEFAULT_CPU = LoopShape(1, "python", "unroll")
@@ -31,7 +34,7 @@ WINNER = LoopShape(2, "scan", "vmap")
 
 
 class FakeTimer:
-    """Stands in for ``autotune._time_shape``: ``WINNER`` is fastest, ``out_of_memory`` fails."""
+    """Stands in for ``loop_shape._time_shape``: ``WINNER`` is fastest, ``out_of_memory`` fails."""
 
     def __init__(self, winner=WINNER, out_of_memory=()):
         self.winner = winner
@@ -49,7 +52,7 @@ class FakeTimer:
 @pytest.fixture
 def fake_timer(monkeypatch):
     timer = FakeTimer()
-    monkeypatch.setattr(autotune, "_time_shape", timer)
+    monkeypatch.setattr(loop_shape, "_time_shape", timer)
     return timer
 
 
@@ -83,7 +86,7 @@ def shape_of(engine):
 
 def test_candidates_skip_repeats_and_respect_fixed_fields():
     default = LoopShape(4, "python", "unroll")
-    shapes = autotune.candidate_shapes({}, 5, default)
+    shapes = loop_shape.candidate_shapes({}, 5, default)
     assert shapes[0] == default
     assert sorted(shapes) == sorted(
         [
@@ -99,20 +102,20 @@ def test_candidates_skip_repeats_and_respect_fixed_fields():
     )  # 8 and 16 exceed the 5 blocks per device
     assert len(set(shapes)) == len(shapes)
     # One microbatch per device: a scan would be the Python loop's single call.
-    assert autotune.candidate_shapes({}, 2, DEFAULT_CPU) == [
+    assert loop_shape.candidate_shapes({}, 2, DEFAULT_CPU) == [
         DEFAULT_CPU,
         LoopShape(1, "scan", "unroll"),
         LoopShape(2, "python", "unroll"),
         LoopShape(2, "python", "vmap"),
     ]
     # A stochastic step (one block for all devices) has a single candidate.
-    assert autotune.candidate_shapes({}, 0, DEFAULT_CPU) == [DEFAULT_CPU]
-    fixed = autotune.candidate_shapes(
+    assert loop_shape.candidate_shapes({}, 0, DEFAULT_CPU) == [DEFAULT_CPU]
+    fixed = loop_shape.candidate_shapes(
         {"microbatch_loop": "scan", "block_loop": "vmap"}, 64, default
     )
     assert fixed == [LoopShape(size, "scan", "vmap") for size in (1, 2, 4, 8, 16)]
     # A fixed size may exceed the blocks per device, and is the only size.
-    assert autotune.candidate_shapes({"blocks_per_microbatch": 32}, 3, default) == [
+    assert loop_shape.candidate_shapes({"blocks_per_microbatch": 32}, 3, default) == [
         LoopShape(32, "python", "unroll"),
         LoopShape(32, "python", "vmap"),
     ]
@@ -122,9 +125,9 @@ def test_time_per_step_is_scaled_from_the_probe_by_microbatch_calls(tiny, fake_t
     run, _ = tiny
     layout = np.zeros((1000, 4), np.int32)  # 125 blocks per device, more than the probe
     shapes = [LoopShape(1, "python", "unroll"), LoopShape(16, "scan", "unroll")]
-    trials = autotune.time_loop_shapes(
+    trials = loop_shape.time_loop_shapes(
         run.engine,
-        autotune.EngineArguments(None, None, None, None, 0),
+        loop_shape.EngineArguments(None, None, None, None, 0),
         layout,
         shapes,
         budget_seconds=60,
@@ -138,29 +141,29 @@ def test_time_per_step_is_scaled_from_the_probe_by_microbatch_calls(tiny, fake_t
 
 def test_out_of_memory_is_skipped_and_the_budget_stops_new_candidates(tiny, monkeypatch):
     run, _ = tiny
-    arguments = autotune.EngineArguments(None, None, None, None, 0)
+    arguments = loop_shape.EngineArguments(None, None, None, None, 0)
     layout = np.zeros((32, 4), np.int32)
-    shapes = autotune.candidate_shapes({}, 4, DEFAULT_CPU)
+    shapes = loop_shape.candidate_shapes({}, 4, DEFAULT_CPU)
     timer = FakeTimer(out_of_memory={WINNER})
-    monkeypatch.setattr(autotune, "_time_shape", timer)
-    trials = autotune.time_loop_shapes(run.engine, arguments, layout, shapes, budget_seconds=60)
+    monkeypatch.setattr(loop_shape, "_time_shape", timer)
+    trials = loop_shape.time_loop_shapes(run.engine, arguments, layout, shapes, budget_seconds=60)
     assert [t.skipped for t in trials] == [
         "out of memory" if t.shape == WINNER else None for t in trials
     ]
-    assert autotune.fastest(trials, DEFAULT_CPU) == DEFAULT_CPU  # every other one takes 2.0
+    assert loop_shape.fastest(trials, DEFAULT_CPU) == DEFAULT_CPU  # every other one takes 2.0
     assert any("skipped=out_of_memory" in t.describe() for t in trials)
     # No budget: nothing is timed and the default stands.
     timer.calls.clear()
-    trials = autotune.time_loop_shapes(run.engine, arguments, layout, shapes, budget_seconds=0)
+    trials = loop_shape.time_loop_shapes(run.engine, arguments, layout, shapes, budget_seconds=0)
     assert timer.calls == [] and {t.skipped for t in trials} == {"budget spent"}
-    assert autotune.fastest(trials, DEFAULT_CPU) == DEFAULT_CPU
+    assert loop_shape.fastest(trials, DEFAULT_CPU) == DEFAULT_CPU
 
     def broken(*args):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
-    monkeypatch.setattr(autotune, "_time_shape", broken)
+    monkeypatch.setattr(loop_shape, "_time_shape", broken)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        autotune.time_loop_shapes(run.engine, arguments, layout, shapes, budget_seconds=60)
+        loop_shape.time_loop_shapes(run.engine, arguments, layout, shapes, budget_seconds=60)
 
 
 def naive_full_batch(params, model_state, layout, penalty):
@@ -209,7 +212,7 @@ def test_every_candidate_gives_the_naive_full_batch_gradient():
         penalty=penalty,
         batchnorm_statistics="mean",
     )
-    shapes = autotune.candidate_shapes({}, 3, DEFAULT_CPU)
+    shapes = loop_shape.candidate_shapes({}, 3, DEFAULT_CPU)
     assert len(shapes) == 6 and {s.microbatch_loop for s in shapes} == {"python", "scan"}
     arguments = (
         replicate(params, mesh),
@@ -237,7 +240,7 @@ def test_the_choice_is_stored_and_reused_without_timing(tiny, fake_timer, tmp_pa
     run, state = tiny
     tuned = autotune.choose_loop_shape(run, state, str(tmp_path))
     assert shape_of(tuned.engine) == WINNER
-    assert len(fake_timer.calls) == len(autotune.candidate_shapes({}, 4, DEFAULT_CPU)) == 8
+    assert len(fake_timer.calls) == len(loop_shape.candidate_shapes({}, 4, DEFAULT_CPU)) == 8
     stored = json.loads((tmp_path / rundir.LOOP_SHAPE_FILE).read_text())
     assert LoopShape(*(stored[f] for f in LoopShape._fields)) == WINNER
     assert stored["devices"] == 8 and len(stored["timing"]) == 8
@@ -298,7 +301,7 @@ def test_a_damaged_shape_file_is_an_error_unless_every_field_is_set(tiny, fake_t
 def test_training_times_once_and_resumes_with_the_stored_shape(tmp_path, monkeypatch):
     winner = LoopShape(2, "python", "unroll")  # not the default, and quick to compile
     fake_timer = FakeTimer(winner)
-    monkeypatch.setattr(autotune, "_time_shape", fake_timer)
+    monkeypatch.setattr(loop_shape, "_time_shape", fake_timer)
     used = []
     real_with_loop_shape = autotune.with_loop_shape
 

@@ -16,8 +16,9 @@ import problems
 import pytest
 
 from gdreg import gradient_norm_penalty
-from gdreg.fullbatch import FullBatchGradient, block_layout
-from gdreg.sharding import data_mesh, fetch_replicated, replicate
+from gdreg.engine import objective
+from gdreg.engine.fullbatch import FullBatchGradient, block_layout
+from gdreg.engine.mesh import data_mesh, fetch_replicated, replicate
 
 MOMENTUM = 0.1
 EPS = 1e-2
@@ -237,7 +238,7 @@ def test_recompute_equals_one_train_mode_pass_over_the_whole_training_set(x64):
     training set as a single batch."""
     from problems import tiny_run_config
 
-    from gdreg import experiment
+    from gdreg.program import experiment
 
     config = tiny_run_config()
     config.model.name = "resnet18"
@@ -252,9 +253,9 @@ def test_recompute_equals_one_train_mode_pass_over_the_whole_training_set(x64):
     state = replicate(host._replace(model_state=float64(host.model_state)), run.mesh)
     got = experiment.recompute_statistics(run, state)
 
-    layout = experiment.epoch_layouts(run, 0)[0]
+    layout = run.epoch_layouts(0)[0]
     inputs, labels = jax.jit(run.engine.batch_fn)(run.train_data, layout.reshape(-1), 0)
-    loss_fn = experiment.make_loss_fn(run.model)
+    loss_fn = objective.make_loss_fn(run.model)
     expected = loss_fn(host.params, float64(host.model_state), inputs, labels)[1][0]
     assert_trees_close(got, expected, rtol=1e-10)
     # Not the statistics of a block-wise train-mode pass (each block normalized by its own).

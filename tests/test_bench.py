@@ -1,4 +1,4 @@
-"""``python -m gdreg.bench`` end to end on a tiny model, as a user runs it (no XLA flags)."""
+"""``python -m gdreg.tools.bench`` end to end on a tiny model, as a user runs it (no XLA flags)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gdreg import distributed
+from gdreg.program import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_prints_one_line_per_dataset_size():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "gdreg.bench", "--config=configs/resnet18_fb.py:strong"]
+    command = [sys.executable, "-m", "gdreg.tools.bench", "--config=configs/resnet18_fb.py:strong"]
     command += ["--config.model.name=convnet1", "--config.model.width=4"]
     command += ["--config.train.block_size=16", "--images=64,128", "--steps=2"]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -43,7 +43,7 @@ def test_bench_prints_one_line_per_dataset_size():
 def test_sweep_prints_every_candidate_and_times_the_fastest():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "gdreg.bench", "--config=configs/resnet18_fb.py:strong"]
+    command = [sys.executable, "-m", "gdreg.tools.bench", "--config=configs/resnet18_fb.py:strong"]
     command += ["--config.model.name=convnet1", "--config.model.width=4"]
     command += ["--config.data.synthetic_shape=(8,8,3)", "--config.train.block_size=8"]
     command += ["--config.train.cpu_devices=2", "--images=32"]
@@ -79,7 +79,7 @@ def test_sweep_prints_every_candidate_and_times_the_fastest():
 def test_stochastic_configs_time_an_epoch_of_minibatches():
     from problems import tiny_run_config
 
-    from gdreg import bench
+    from gdreg.tools import bench
 
     config = tiny_run_config()
     config.train.mode = "stochastic"
@@ -129,13 +129,18 @@ def test_gpu_bench_script_sweeps_then_times_the_chosen_shape(tmp_path):
     expected = []
     for dtype in ("float32", "bfloat16"):
         for block in (128, 32):
-            bench_run = ["-m", "gdreg.bench", "--config", "configs/resnet18_fb.py:regularized"]
+            bench_run = [
+                "-m",
+                "gdreg.tools.bench",
+                "--config",
+                "configs/resnet18_fb.py:regularized",
+            ]
             bench_run += [f"--config.train.block_size={block}", f"--config.model.dtype={dtype}"]
             bench_run += ["--images", "50000"]
             sweep = ["--sweep", "--config.train.autotune_seconds=900", "--noflops"]
             expected += [[*bench_run, *sweep], [*bench_run, *chosen, "--steps", "2", "--noflops"]]
     for dtype in ("float32", "bfloat16"):
-        sgd = ["-m", "gdreg.bench", "--config", "configs/resnet18_fb.py:sgd"]
+        sgd = ["-m", "gdreg.tools.bench", "--config", "configs/resnet18_fb.py:sgd"]
         sgd += [f"--config.model.dtype={dtype}", "--images", "50000", "--steps", "2", "--noflops"]
         expected.append(sgd)
     assert bench == expected

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gdreg import config as config_lib
-from gdreg import data, experiment
+from gdreg import data
+from gdreg.program import config as config_lib
+from gdreg.program import experiment
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -50,7 +51,7 @@ def test_the_readme_names_only_variants_that_exist():
             continue  # a placeholder such as VARIANT or resnet50,ROW
         module = load_config_file(name)
         config = module.get_config(arg) if arg is not None else module.get_config()
-        config_lib.validate(config)
+        experiment.validate(config)
         if name != "paper" and arg is not None:
             assert (name, arg) in known
 
@@ -58,7 +59,7 @@ def test_the_readme_names_only_variants_that_exist():
 @pytest.mark.parametrize(("name", "arg"), every_variant(), ids=lambda value: str(value))
 def test_every_variant_validates_and_builds(name, arg):
     config = load_config_file(name).get_config(arg)
-    config_lib.validate(config)
+    experiment.validate(config)
     if config.data.name in ("cifar10", "cifar100"):  # no network here: same shape, made up
         config.data.name = "synthetic"
         config.data.synthetic_train_size = 256
@@ -80,9 +81,9 @@ def test_paper_config_arguments():
     with pytest.raises(config_lib.ConfigError, match="neither a row"):
         paper.get_config("stong")
     with pytest.raises(config_lib.ConfigError, match=r"model\.name: unknown model 'resnet7'"):
-        config_lib.validate(paper.get_config("resnet7,strong"))
+        experiment.validate(paper.get_config("resnet7,strong"))
     # Model names are case-insensitive, as in the registry.
-    config_lib.validate(paper.get_config("ResNet50,strong"))
+    experiment.validate(paper.get_config("ResNet50,strong"))
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,7 @@ def test_validate_names_the_bad_field(field, value):
     config = config_lib.base_config()
     config_lib.set_field(config, field, value)
     with pytest.raises(config_lib.ConfigError, match=re.escape(field)):
-        config_lib.validate(config)
+        experiment.validate(config)
 
 
 def test_library_errors_are_blamed_on_the_field():
@@ -155,7 +156,7 @@ def test_a_run_from_before_the_batchnorm_rules_resumes_only_with_its_own_rule(tm
     so reading it gives "mean", and resuming it under today's default is a config change."""
     import json
 
-    from gdreg import rundir
+    from gdreg.program import rundir
 
     config = config_lib.base_config()
     saved = json.loads(config.to_json_best_effort())

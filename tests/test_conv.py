@@ -1,4 +1,5 @@
-"""The CPU convolution whose filter gradient is summed over batch chunks (gdreg.models.conv).
+"""The CPU convolution whose filter gradient is summed over batch chunks
+(gdreg.models.layers.conv_general_dilated).
 
 Every derivative must equal ``lax.conv_general_dilated``'s own, in float64: reverse mode,
 forward mode and forward-over-reverse (the penalty's ``method="jvp"``), for the strides,
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from gdreg.models import conv as conv_module
-from gdreg.models.conv import conv_general_dilated, images_per_chunk
+from gdreg.models import layers as conv_module
+from gdreg.models.layers import conv_general_dilated, images_per_chunk
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # (kernel, stride, padding) as in the ResNet/VGG/DenseNet layers

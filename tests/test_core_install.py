@@ -112,8 +112,8 @@ def test_training_program_without_the_extra_says_what_to_install():
 import importlib.util, sys
 real = importlib.util.find_spec
 importlib.util.find_spec = lambda name, *a: None if name == "ml_collections" else real(name, *a)
-from gdreg import cli
-cli.train()
+from gdreg import console
+console.train()
 """
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
@@ -127,8 +127,11 @@ cli.train()
 
 def test_public_names_are_exported():
     import gdreg
+    import gdreg.penalty
 
-    assert sorted(gdreg.__all__) == sorted(gdreg._HOMES)
+    assert gdreg.__all__ == gdreg.penalty.__all__
     for name in gdreg.__all__:
-        assert getattr(gdreg, name).__module__ == gdreg._HOMES[name]
-    assert gdreg.flax_helpers.PenaltyTrainState is gdreg.PenaltyTrainState
+        assert getattr(gdreg, name) is getattr(gdreg.penalty, name)
+        if name != "METHODS":
+            assert getattr(gdreg, name).__module__.startswith("gdreg.penalty.")
+    assert gdreg.penalty.linen.PenaltyTrainState is gdreg.PenaltyTrainState

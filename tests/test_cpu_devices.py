@@ -1,4 +1,4 @@
-"""How gdreg splits a CPU host into JAX devices (gdreg.distributed.configure_cpu_devices).
+"""How gdreg splits a CPU host into JAX devices (gdreg.program.distributed.configure_cpu_devices).
 
 The device count is fixed when JAX starts its backends, so every case runs in a fresh
 interpreter without the test session's 8-device XLA flag.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gdreg import distributed
+from gdreg.program import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,11 +23,11 @@ requested, fullbatch, touch_jax_first = int(sys.argv[1]), sys.argv[2] == "1", sy
 if sys.argv[4]:
     os.sched_setaffinity(0, {int(core) for core in sys.argv[4].split(",")})
 import jax
-from gdreg import distributed
+from gdreg.program import distributed
 if touch_jax_first:
     jax.devices()
-applied = distributed.configure_cpu_devices(distributed.cpu_devices_for(requested, fullbatch=fullbatch))
-print(applied, jax.device_count())
+applied = distributed.configure_cpu_devices(distributed.cpu_devices_for(requested,
+fullbatch=fullbatch)) print(applied, jax.device_count())
 """
 
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from gdreg import config as config_lib
-from gdreg import rundir, train
+from gdreg.program import experiment, rundir
+from gdreg.program import loop as train
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "digits.py")
 
@@ -23,7 +23,7 @@ def digits_config(variant: str):
 @pytest.mark.parametrize("variant", ["sgd", "fb", "fb_clip", "fb_clip_reg"])
 def test_variants_are_valid_digits_configs(variant):
     config = digits_config(variant)
-    config_lib.validate(config)
+    experiment.validate(config)
     assert config.data.name == "digits"
     assert config.data.flip is False  # a mirrored digit is another symbol
     assert (config.train.mode == "stochastic") == (variant == "sgd")

@@ -1,5 +1,5 @@
-"""The run's epoch plan (gdreg.epochs) and the loop options around it: the SGD <-> full-batch
-switch, sampling with replacement, the semi-stochastic check, stopping at 100% training
+"""The run's epoch plan (gdreg.program.epochs) and the loop options around it: the SGD <->
+full-batch switch, sampling with replacement, the semi-stochastic check, stopping at 100% training
 accuracy, and the moving average of the weights (eval.ema)."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import killed_and_resumed, strip_timing, tiny_config
 
-from gdreg import experiment, rundir, train
-from gdreg.config import ConfigError
-from gdreg.epochs import EpochPlan
+from gdreg.program import experiment, rundir
+from gdreg.program import loop as train
+from gdreg.program.config import ConfigError
+from gdreg.program.epochs import EpochPlan
 
 
 def restore(workdir, epoch):
@@ -51,7 +52,7 @@ def test_sgd_then_full_batch_in_one_run(tmp_path):
     records = rundir.read_metrics(tmp_path)
     assert [r["images"] for r in records] == [128, 128, 128, 128]
     run = experiment.build(config)
-    assert [len(experiment.epoch_layouts(run, e)) for e in range(4)] == [4, 4, 1, 1]
+    assert [len(run.epoch_layouts(e)) for e in range(4)] == [4, 4, 1, 1]
     # The schedule moves once per epoch in both modes (warmup 1, cosine over 8 epochs).
     expected = [0.0, 0.2] + [0.2 * (1 + math.cos(math.pi * (e - 2) / 8)) / 2 for e in (2, 3)]
     assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-6, abs=1e-9)
@@ -100,11 +101,11 @@ def test_sampling_with_replacement():
     config = tiny_config(train__mode="stochastic", train__batch_size=16)
     config.train.sample_with_replacement = True
     run = experiment.build(config)
-    drawn = np.concatenate(experiment.epoch_layouts(run, 0)).ravel()
+    drawn = np.concatenate(run.epoch_layouts(0)).ravel()
     assert drawn.shape == (128,) and drawn.min() >= 0 and drawn.max() < 128
     assert len(np.unique(drawn)) < 128  # P(no repeat among 128 draws of 128) ~ 1e-54
-    np.testing.assert_array_equal(drawn, np.concatenate(experiment.epoch_layouts(run, 0)).ravel())
-    assert not np.array_equal(drawn, np.concatenate(experiment.epoch_layouts(run, 1)).ravel())
+    np.testing.assert_array_equal(drawn, np.concatenate(run.epoch_layouts(0)).ravel())
+    assert not np.array_equal(drawn, np.concatenate(run.epoch_layouts(1)).ravel())
 
 
 def test_semi_stochastic_epochs_cycle_through_the_augmented_copies():
@@ -115,7 +116,7 @@ def test_semi_stochastic_epochs_cycle_through_the_augmented_copies():
     config.data.copies = 3
     run = experiment.build(config)
     for epoch in range(5):
-        views = np.concatenate(experiment.epoch_layouts(run, epoch)).ravel()
+        views = np.concatenate(run.epoch_layouts(epoch)).ravel()
         copy = epoch % 3
         np.testing.assert_array_equal(np.sort(views), np.arange(128) + 128 * copy)
 
@@ -176,7 +177,7 @@ def test_clipping_in_the_infinity_norm_runs_in_the_training_step(clip_norm, clip
     config = tiny_config(optim__clip_norm_type="inf", optim__clip_norm=clip_norm)
     run = experiment.build(config)
     state = jax.tree.map(lambda x: x, experiment.initial_state(run))
-    from gdreg.sharding import replicate
+    from gdreg.engine.mesh import replicate
 
     _, record = train.run_epoch(run, replicate(state, run.mesh), train.make_step(run))
     assert record["clipped"] == clipped and math.isfinite(record["train_loss"])

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from gdreg.evaluate import Evaluator, flip_averaged
-from gdreg.sharding import data_mesh, replicate
+from gdreg.engine.evaluate import Evaluator, flip_averaged
+from gdreg.engine.mesh import data_mesh, replicate
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.normal(size=(11, 4, 4, 1)).astype(np.float32)

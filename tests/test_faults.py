@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from test_train import REPO, TINY_FLAGS, main_command, run_main, strip_timing
 
-from gdreg import rundir
+from gdreg.program import rundir
 
 EPOCHS = 6
 ARGS = (

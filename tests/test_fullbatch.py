@@ -13,8 +13,8 @@ import two_processes
 from jax.flatten_util import ravel_pytree
 
 from gdreg import gradient_norm_penalty
-from gdreg.fullbatch import FullBatchGradient, block_layout
-from gdreg.sharding import data_mesh, fetch_replicated, replicate
+from gdreg.engine.fullbatch import FullBatchGradient, block_layout
+from gdreg.engine.mesh import data_mesh, fetch_replicated, replicate
 
 HERE = os.path.dirname(__file__)
 PENALTY = gradient_norm_penalty(strength=0.5, learning_rate=0.1, eps=1e-2, method="forward")

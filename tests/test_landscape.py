@@ -1,4 +1,4 @@
-"""python -m gdreg.landscape: filter-normalized directions and the loss around a checkpoint."""
+"""python -m gdreg.tools.landscape: filter-normalized directions and the loss around a checkpoint."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ import pytest
 from matplotlib import image as mpimg
 from problems import tiny_run_config
 
-from gdreg import experiment, landscape, rundir, train
-from gdreg.sharding import fetch_replicated, replicate
+from gdreg.engine import directions
+from gdreg.engine.mesh import fetch_replicated, replicate
+from gdreg.program import experiment, rundir, saved_run
+from gdreg.program import loop as train
+from gdreg.tools import landscape
 
 
 def tiny_config(epochs: int = 2):
@@ -47,7 +50,7 @@ def test_filter_normalization_matches_parameter_filter_norms():
         "dense": {"kernel": rng.normal(size=(7, 4)) * np.arange(1, 5)},
         "bn": {"scale": np.ones(5), "bias": np.zeros(5)},
     }
-    direction = landscape.random_direction(params, seed=3, index=0)
+    direction = directions.random_direction(params, seed=3, index=0)
     for name, axes in (("conv", (0, 1, 2)), ("dense", (0,))):
         d = direction[name]["kernel"]
         p = params[name]["kernel"]
@@ -61,8 +64,8 @@ def test_filter_normalization_matches_parameter_filter_norms():
     for leaf in (direction["conv"]["bias"], direction["bn"]["scale"], direction["bn"]["bias"]):
         assert np.all(leaf == 0)
     # deterministic in the seed, different directions for different indices
-    again = landscape.random_direction(params, seed=3, index=0)
-    other = landscape.random_direction(params, seed=3, index=1)
+    again = directions.random_direction(params, seed=3, index=0)
+    other = directions.random_direction(params, seed=3, index=1)
     np.testing.assert_array_equal(again["dense"]["kernel"], direction["dense"]["kernel"])
     assert not np.allclose(other["dense"]["kernel"], direction["dense"]["kernel"])
 
@@ -78,8 +81,8 @@ def test_distance_zero_is_the_checkpoint_training_loss(workdir, tmp_path):
 
     # the training engine (penalty and all) at the checkpoint, on the layout of epoch 2
     run = experiment.build(rundir.read_config(workdir))
-    state = landscape.load_checkpoint(run, workdir)
-    layout = experiment.epoch_layouts(run, 2)[0]
+    state = saved_run.load_checkpoint(run, workdir)
+    layout = run.epoch_layouts(2)[0]
     assert result["layout"]["blocks"] == layout.shape[0] == 4
     on_mesh = replicate(state, run.mesh)
     metrics = fetch_replicated(
@@ -149,9 +152,9 @@ def test_stochastic_runs_use_the_epoch_minibatches_as_blocks():
     config.train.mode = "stochastic"
     config.train.batch_size = 48
     run = experiment.build(config)
-    layout = landscape.landscape_layout(run, 5)
+    layout = run.epoch_blocks(5)
     assert layout.shape == (2, 48)  # 128 // 48 minibatch steps
-    np.testing.assert_array_equal(layout, np.concatenate(experiment.epoch_layouts(run, 5)))
+    np.testing.assert_array_equal(layout, np.concatenate(run.epoch_layouts(5)))
 
 
 def test_clear_errors(tmp_path, capsys):

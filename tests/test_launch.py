@@ -1,4 +1,4 @@
-"""Multi-process launches (launch/, gdreg.main, gdreg.distributed) on loopback.
+"""Multi-process launches (launch/, gdreg.main, gdreg.program.distributed) on loopback.
 
 The end-to-end tests start ``python -m gdreg.main`` processes with 2 CPU devices each that
 join through ``jax.distributed`` on 127.0.0.1, directly (``--coordinator_address``) or
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import two_processes
 
-from gdreg import distributed, exitcodes
+from gdreg.program import distributed, exitcodes
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -415,7 +415,7 @@ def _paper_table_dry_run(*args: str, **env: str) -> list[str]:
 
 
 def test_paper_table_submits_every_row_and_seed(tmp_path):
-    from gdreg.config import PAPER_ROWS
+    from gdreg.program.config import PAPER_ROWS
 
     lines = _paper_table_dry_run(
         "--config.data.name=synthetic", SEEDS="2", RUNS_DIR=str(tmp_path / "runs")

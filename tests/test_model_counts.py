@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdreg.experiment import make_loss_fn, make_predict_fn
+from gdreg.engine.objective import make_loss_fn, make_predict_fn
 from gdreg.models import create_model, model_names
 from gdreg.models.nfnet import F0_DEPTHS, NFBlock, NFNet, WSConv, block_betas, standardize_kernel
 from gdreg.models.pyramidnet import PyramidNet, pyramid_planes, pyramid_shortcut

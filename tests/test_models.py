@@ -338,8 +338,8 @@ def test_eval_mode_and_bfloat16_close_to_float32():
 
 def test_batchnorm_reports_batch_statistics():
     """Train mode stores the batch mean and unbiased variance (the running averages are the
-    engine's, gdreg.batchnorm); the normalization itself uses the batch mean and biased
-    variance with eps 1e-5, as PyTorch's."""
+    engine's, gdreg.engine.running_statistics); the normalization itself uses the batch mean and
+    biased variance with eps 1e-5, as PyTorch's."""
     bn = layers.batch_norm(True, dtype=jnp.float32)
     x = (_rng().standard_normal((6, 3, 3, 4)) * 3.0 + 2.0).astype(np.float32)
 
@@ -498,9 +498,9 @@ def test_register_model(monkeypatch):
 def test_one_full_batch_step_with_the_penalty(name):
     """Each model family through the real engine: two blocks, forward-difference penalty."""
     from gdreg import gradient_norm_penalty
-    from gdreg.experiment import make_loss_fn
-    from gdreg.fullbatch import FullBatchGradient, block_layout
-    from gdreg.sharding import data_mesh, fetch_replicated
+    from gdreg.engine.fullbatch import FullBatchGradient, block_layout
+    from gdreg.engine.mesh import data_mesh, fetch_replicated
+    from gdreg.engine.objective import make_loss_fn
 
     model = EXECUTED[name](10)
     variables = _executed_variables(name)

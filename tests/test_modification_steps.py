@@ -1,5 +1,5 @@
-"""SAM and the Armijo line search in the training loop (gdreg.step), against the pure steps of
-gdreg.modifications driven by plain engine calls."""
+"""SAM and the Armijo line search in the training loop (gdreg.engine.train_step), against the pure
+steps of gdreg.optim.sam driven by plain engine calls."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 from test_sgd_step import build_on, sgd_config, train_epochs
 from test_train import tiny_config
 
-from gdreg import experiment, modifications, train
-from gdreg.config import ConfigError
-from gdreg.sharding import fetch_replicated, replicate
+from gdreg.engine.mesh import fetch_replicated, replicate
+from gdreg.optim import line_search, sam
+from gdreg.program import experiment
+from gdreg.program import loop as train
+from gdreg.program.config import ConfigError
 
 
 def first_step(run):
@@ -30,7 +32,7 @@ def test_full_batch_sam_steps_with_the_gradient_at_the_ascent_point():
     config = tiny_config(optim__modification="sam", optim__sam_rho=0.05, optim__warmup_epochs=0)
     run = experiment.build(config)
     _, state, after, record = first_step(run)
-    layout = experiment.epoch_layouts(run, 0)[0]
+    layout = run.epoch_layouts(0)[0]
 
     def gradient_fn(params):
         result = run.engine(
@@ -38,7 +40,7 @@ def test_full_batch_sam_steps_with_the_gradient_at_the_ascent_point():
         )
         return result.grads, result
 
-    grads, _ = modifications.sam_gradient(gradient_fn, state.params, 0.05, has_aux=True)
+    grads, _ = sam.sam_gradient(gradient_fn, state.params, 0.05, has_aux=True)
     at_params = gradient_fn(state.params)[1]
     updates, _ = run.optimizer.tx.update(grads, state.opt_state, state.params)
     expected = fetch_replicated(optax.apply_updates(state.params, updates))
@@ -69,7 +71,7 @@ def test_armijo_line_search_takes_the_step_the_pure_search_takes():
     config = tiny_config(optim__line_search="armijo", optim__warmup_epochs=0, optim__lr=50.0)
     run = experiment.build(config)
     _, state, after, record = first_step(run)
-    layout = experiment.epoch_layouts(run, 0)[0]
+    layout = run.epoch_layouts(0)[0]
     result = run.engine(
         state.params, state.model_state, state.penalty_state, run.train_data, layout, 0
     )
@@ -80,7 +82,7 @@ def test_armijo_line_search_takes_the_step_the_pure_search_takes():
         evaluation = forward(params, state.model_state, None, run.train_data, layout, 0)
         return float(fetch_replicated(evaluation.metrics["loss"]))
 
-    search = modifications.armijo_step(
+    search = line_search.armijo_step(
         loss_fn, state.params, updates, result.grads, settings=run.optimizer.line_search
     )
     assert 0 < search.step_size < 1, "lr 50 should need backtracking"

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdreg.optim import clip_by_global_norm, learning_rate_schedule, sgd_chain
+from gdreg.optim.chain import clip_by_global_norm, sgd_chain
+from gdreg.optim.schedules import learning_rate_schedule
 
 
 def reference_lr(epoch, base, warmup, horizon):

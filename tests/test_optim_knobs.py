@@ -16,11 +16,14 @@ import problems
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from gdreg import config as config_lib
-from gdreg import experiment, rundir
-from gdreg.epochs import EpochPlan
-from gdreg.fullbatch import FullBatchGradient, block_layout
-from gdreg.gradient_transforms import (
+from gdreg.engine import objective
+from gdreg.engine.fullbatch import FullBatchGradient, block_layout
+from gdreg.engine.mesh import data_mesh, fetch_replicated, replicate
+from gdreg.optim.chain import clip_by_global_norm, optimizer_chain
+from gdreg.optim.line_search import ArmijoSettings, armijo_step
+from gdreg.optim.sam import sam_gradient
+from gdreg.optim.schedules import learning_rate_schedule, reference_step_milestones
+from gdreg.optim.transforms import (
     add_gradient_noise,
     add_norm_bias,
     kernel_mask,
@@ -29,15 +32,10 @@ from gdreg.gradient_transforms import (
     output_layer_mask,
     scale_by_layerwise_trust_ratio,
 )
-from gdreg.modifications import ArmijoSettings, armijo_step, sam_gradient
-from gdreg.optim import (
-    clip_by_global_norm,
-    learning_rate_schedule,
-    optimizer_chain,
-    reference_step_milestones,
-)
 from gdreg.penalty import GradientNormPenaltyState, gradient_norm_penalty
-from gdreg.sharding import data_mesh, fetch_replicated, replicate
+from gdreg.program import config as config_lib
+from gdreg.program import experiment, rundir
+from gdreg.program.epochs import EpochPlan
 
 ONE_STEP_EPOCHS = EpochPlan(
     mode="fullbatch", switch_after=0, steps={"fullbatch": 1, "stochastic": 1}
@@ -468,7 +466,7 @@ def test_gradient_noise_is_drawn_from_seed_and_step_only():
     other_seed = optax.chain(add_gradient_noise(0.1, seed=4), multiply_gradient_noise(0.2, seed=4))
     first_other = ravel_pytree(other_seed.update(g, other_seed.init(g))[0])[0]
     assert not np.allclose(first_other, straight[0])
-    from gdreg.gradient_transforms import ADDITIVE_NOISE_STREAM, MULTIPLICATIVE_NOISE_STREAM
+    from gdreg.optim.transforms import ADDITIVE_NOISE_STREAM, MULTIPLICATIVE_NOISE_STREAM
 
     z_add = ravel_pytree(noise_draws(3, ADDITIVE_NOISE_STREAM, 0, g))[0]
     z_mul = ravel_pytree(noise_draws(3, MULTIPLICATIVE_NOISE_STREAM, 0, g))[0]
@@ -519,7 +517,7 @@ def test_label_smoothing_is_the_references_cross_entropy(x64, smoothing):
     inputs = rng.normal(size=(7, 4))
     labels = rng.integers(0, 5, 7).astype(np.int32)
     params = model.init(jax.random.key(0), inputs)["params"]
-    loss_fn = experiment.make_loss_fn(model, label_smoothing=smoothing)
+    loss_fn = objective.make_loss_fn(model, label_smoothing=smoothing)
     loss, (state, aux) = loss_fn(params, {}, inputs, labels)
     logits = np.asarray(model.apply({"params": params}, inputs))
     log_p = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
@@ -655,7 +653,7 @@ def test_validate_names_the_bad_new_field(field, value):
     config = config_lib.base_config()
     config_lib.set_field(config, field, value)
     with pytest.raises(config_lib.ConfigError, match=re.escape(field)):
-        config_lib.validate(config)
+        experiment.validate(config)
 
 
 NEW_OPTIM_FIELDS = [
@@ -775,7 +773,7 @@ def test_a_run_with_every_knob_on_takes_a_finite_step():
     run = experiment.build(config)
     state = experiment.initial_state(run)
     params = replicate(state.params, run.mesh)
-    layout = experiment.epoch_layouts(run, 0)[0]
+    layout = run.epoch_layouts(0)[0]
     result = run.engine(
         params,
         replicate(state.model_state, run.mesh),
@@ -807,7 +805,7 @@ def test_a_resumed_run_with_the_knobs_on_equals_the_uninterrupted_run(tmp_path):
     the gradient noise included."""
     import orbax.checkpoint as ocp
 
-    from gdreg import train
+    from gdreg.program import loop as train
 
     def config(epochs):
         config = tiny_config()

@@ -15,11 +15,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import gdreg
-from gdreg.penalty import (
-    GradientNormPenaltyState,
-    gradient_norm_penalty,
-    hessian_vector_product,
-)
+from gdreg.penalty import GradientNormPenaltyState, gradient_norm_penalty, hessian_vector_product
 
 
 def _tree_allclose(actual, expected, rtol, atol=0.0):

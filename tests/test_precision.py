@@ -1,4 +1,4 @@
-"""``python -m gdreg.precision``: the float32 full-batch gradient against float64, on tiny runs."""
+"""``python -m gdreg.tools.precision``: the float32 full-batch gradient against float64, on tiny runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from problems import tiny_run_config
 
-from gdreg import precision
+from gdreg.tools import precision
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -28,7 +28,7 @@ TINY = [
 def run_command(args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "gdreg.precision", *args]
+    command = [sys.executable, "-m", "gdreg.tools.precision", *args]
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -99,7 +99,7 @@ def test_float64_against_float64_is_exact(x64):
 
 
 def test_workdir_measures_at_the_latest_checkpoint(tmp_path):
-    from gdreg.train import train_and_evaluate
+    from gdreg.program.loop import train_and_evaluate
 
     config = _tiny_config()
     config.train.epochs = 2

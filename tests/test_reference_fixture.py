@@ -5,8 +5,8 @@ loop (``train()`` of github.com/JonasGeiping/fullbatchtraining, run in float64 b
 tests/fixtures/make_reference_fixture.py, which says how to regenerate it) from gdreg's initial
 weights on the same inputs: ResNet-18 at width 16 on 128 random 8x8 images, blocks of 32, the
 "FB regularized" hyperparameters, warmup 0 and 2. gdreg runs the same steps through its own
-training loop (:func:`gdreg.train.run_epoch`) in float64 with the "reference" BatchNorm rule, on
-two devices; parameters, momentum buffers and BatchNorm running statistics are compared after
+training loop (:func:`gdreg.program.loop.run_epoch`) in float64 with the "reference" BatchNorm rule,
+on two devices; parameters, momentum buffers and BatchNorm running statistics are compared after
 every step, and so are the reference's logged figures with ``reference_*`` metrics.
 """
 
@@ -21,8 +21,9 @@ import optax
 import pytest
 from flax.traverse_util import flatten_dict
 
-from gdreg import experiment, train
-from gdreg.sharding import data_mesh, replicate
+from gdreg.engine.mesh import data_mesh, replicate
+from gdreg.program import experiment
+from gdreg.program import loop as train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location(

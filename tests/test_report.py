@@ -1,4 +1,4 @@
-"""python -m gdreg.report: the curves figure and the paper-style table of runs."""
+"""python -m gdreg.tools.report: the curves figure and the paper-style table of runs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 from matplotlib import image as mpimg
 from problems import tiny_run_config
 
-from gdreg import report, rundir, train
-from gdreg.config import apply_row, base_config, paper_config
+from gdreg.program import loop as train
+from gdreg.program import rundir
+from gdreg.program.config import apply_row, base_config, paper_config
+from gdreg.tools import report
 
 
 def tiny_config(mode: str):
@@ -195,7 +197,7 @@ def test_reading_runs_needs_no_jax():
     import subprocess
     import sys
 
-    code = "import sys, gdreg.report; assert 'jax' not in sys.modules, 'jax was imported'"
+    code = "import sys, gdreg.tools.report; assert 'jax' not in sys.modules, 'jax was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

@@ -1,4 +1,5 @@
-"""The data-parallel SGD step (gdreg.step): one jitted step per minibatch, split over devices.
+"""The data-parallel SGD step (gdreg.engine.train_step): one jitted step per minibatch, split over
+devices.
 
 Against a naive one-device loop (jax.value_and_grad on the whole minibatch, PyTorch's momentum
 update of the BatchNorm statistics, the optax chain), on 1, 2 and 4 host devices; the work per
@@ -14,10 +15,11 @@ import pytest
 from problems import register_tiny_batchnorm_model
 from test_train import tiny_config
 
-from gdreg import experiment, train
-from gdreg.batchnorm import TORCH_MOMENTUM
-from gdreg.config import ConfigError
-from gdreg.sharding import data_mesh, replicate
+from gdreg.engine.mesh import data_mesh, replicate
+from gdreg.engine.running_statistics import TORCH_MOMENTUM
+from gdreg.program import experiment
+from gdreg.program import loop as train
+from gdreg.program.config import ConfigError
 
 TINY_BATCHNORM = register_tiny_batchnorm_model()
 
@@ -76,7 +78,7 @@ def naive_sgd(run, epochs):
 
     losses = []
     for epoch in range(epochs):
-        for layout in experiment.epoch_layouts(run, epoch):
+        for layout in run.epoch_layouts(epoch):
             params, model_state, opt_state, loss = step(
                 params, model_state, opt_state, layout[0], epoch
             )
@@ -142,7 +144,7 @@ def test_a_diverging_step_is_not_applied():
     run = build_on(sgd_config(optim__lr=1e30), 2)
     state = replicate(experiment.initial_state(run), run.mesh)
     parts = (state.params, state.opt_state, state.model_state, state.penalty_state)
-    order = np.concatenate(experiment.epoch_layouts(run, 0))
+    order = np.concatenate(run.epoch_layouts(0))
     after, _, healthy, first_bad = train.make_step(run).stochastic_epoch(
         parts, run.train_data, order, 0, 0
     )

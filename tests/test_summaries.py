@@ -1,4 +1,4 @@
-"""TensorBoard events (gdreg.summaries) and the console progress (gdreg.progress)."""
+"""TensorBoard events (gdreg.program.summaries) and the console progress (gdreg.program.progress)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import io
 import pytest
 from test_train import tensorboard_scalars
 
-from gdreg import config as config_lib
-from gdreg import rundir, summaries
-from gdreg.progress import ProgressBar
-from gdreg.train import progress_text
+from gdreg.program import config as config_lib
+from gdreg.program import rundir, summaries
+from gdreg.program.loop import progress_text
+from gdreg.program.progress import ProgressBar
 
 RECORDS = [
     {"epoch": 1, "train_loss": 2.5, "grad_norm": 0.75, "lr": 0.0, "clipped": 1.0},

@@ -17,9 +17,10 @@ import orbax.checkpoint as ocp
 import pytest
 from problems import register_tiny_batchnorm_model, tiny_run_config
 
-from gdreg import config as config_lib
-from gdreg import experiment, rundir, summaries, train
-from gdreg.config import paper_config
+from gdreg.program import config as config_lib
+from gdreg.program import experiment, rundir, summaries
+from gdreg.program import loop as train
+from gdreg.program.config import paper_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -328,12 +329,10 @@ def test_stochastic_epoch_visits_every_training_image_once():
     config = tiny_config(train__mode="stochastic", train__batch_size=16)
     run = experiment.build(config)
     for epoch in (0, 1):
-        layouts = experiment.epoch_layouts(run, epoch)
+        layouts = run.epoch_layouts(epoch)
         assert len(layouts) == 128 // 16 and all(layout.shape == (1, 16) for layout in layouts)
         np.testing.assert_array_equal(np.sort(np.concatenate(layouts).ravel()), np.arange(128))
-    assert not np.array_equal(
-        experiment.epoch_layouts(run, 0)[0], experiment.epoch_layouts(run, 1)[0]
-    )
+    assert not np.array_equal(run.epoch_layouts(0)[0], run.epoch_layouts(1)[0])
 
 
 def test_stochastic_run_trains(tmp_path):
@@ -346,13 +345,11 @@ def test_stochastic_run_trains(tmp_path):
 
 def test_full_batch_shuffle_redraws_blocks_each_epoch():
     run = experiment.build(tiny_config(train__shuffle_blocks=True))
-    first, second = experiment.epoch_layouts(run, 0)[0], experiment.epoch_layouts(run, 1)[0]
+    first, second = run.epoch_layouts(0)[0], run.epoch_layouts(1)[0]
     assert first.shape == second.shape == (4, 32) and not np.array_equal(first, second)
     np.testing.assert_array_equal(np.sort(first.ravel()), np.arange(128))
     fixed = experiment.build(tiny_config())
-    np.testing.assert_array_equal(
-        experiment.epoch_layouts(fixed, 0)[0], experiment.epoch_layouts(fixed, 5)[0]
-    )
+    np.testing.assert_array_equal(fixed.epoch_layouts(0)[0], fixed.epoch_layouts(5)[0])
 
 
 # ----- the paper's configs ------------------------------------------------------------------
@@ -394,7 +391,7 @@ def test_paper_row_configs_carry_the_reference_hyperparameters(row):
     else:
         assert config.train.block_size == block
     assert config.data.augmentation == "random"
-    config_lib.validate(config)
+    experiment.validate(config)
 
 
 def test_fixed_dataset_rows():

@@ -1,6 +1,7 @@
 """Training data: host datasets (:mod:`.sources`) and on-device augmentation (:mod:`.augmentation`).
 
-The names below are imported on first use, so that ``gdreg.data.sources`` loads without JAX.
+The choices of ``data.name`` and ``data.augmentation`` are declared here and the other names are
+imported on first use, so that the config schema and ``gdreg.data.sources`` load without JAX.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gdreg.data.augmentation import (
-        AUGMENTATIONS,
         augment,
         augmentation_params,
         crop_and_flip,
         normalize,
         virtual_size,
     )
-    from gdreg.data.sources import DATASET_NAMES, Dataset, DatasetNotFoundError, load_dataset
+    from gdreg.data.sources import Dataset, DatasetNotFoundError, load_dataset
+
+#: ``data.name``: the sources of :func:`gdreg.data.sources.load_dataset`.
+DATASET_NAMES = ("cifar10", "cifar100", "npz", "synthetic", "digits")
+#: ``data.augmentation``: the modes of :func:`gdreg.data.augmentation.augment`.
+AUGMENTATIONS = ("none", "random", "fixed")
 
 __all__ = [
     "AUGMENTATIONS",
@@ -31,7 +36,7 @@ __all__ = [
     "normalize",
     "virtual_size",
 ]
-_HOST_NAMES = ("DATASET_NAMES", "Dataset", "DatasetNotFoundError", "load_dataset")
+_HOST_NAMES = ("Dataset", "DatasetNotFoundError", "load_dataset")
 
 
 def __getattr__(name: str):

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-AUGMENTATIONS = ("none", "random", "fixed")
+from gdreg.data import AUGMENTATIONS
 
 
 def normalize(

@@ -12,7 +12,7 @@ in host memory. Sources (``DATASET_NAMES``):
 * ``synthetic``: seeded random images whose labels are learnable (class prototypes).
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download).
 
-Nothing here imports JAX: the images go to the devices in :mod:`gdreg.experiment`, and are
+Nothing here imports JAX: the images go to the devices in :mod:`gdreg.program.experiment`, and are
 augmented there by :mod:`gdreg.data.augmentation`.
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DATASET_NAMES = ("cifar10", "cifar100", "npz", "synthetic", "digits")
+from gdreg.data import DATASET_NAMES
 
 # Per-channel statistics in [0, 1] units. CIFAR-10: the reference implementation's figures.
 CIFAR10_MEAN = (0.4915, 0.4823, 0.4468)

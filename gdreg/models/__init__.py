@@ -8,8 +8,8 @@ CNNs; README "Models" lists them with their parameter counts.
 >>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])  # doctest: +SKIP
 
 In train mode ``updates["batch_stats"]`` holds that pass's batch statistics (mean and unbiased
-variance), not running averages: :mod:`gdreg.batchnorm` turns the passes of a step into the
-running statistics that eval mode uses.
+variance), not running averages: :mod:`gdreg.engine.running_statistics` turns the passes of a step
+into the running statistics that eval mode uses.
 """
 
 from gdreg.models.registry import (

@@ -19,15 +19,15 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from gdreg.models import layers
-from gdreg.types import Dtype
 
 
 class DenseLayer(nn.Module):
     growth: int
     bn_size: int = 4
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -50,7 +50,7 @@ class DenseLayer(nn.Module):
 
 class Transition(nn.Module):
     features: int
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -76,7 +76,7 @@ class DenseNet(nn.Module):
     init_features: int | None = None
     bn_size: int = 4
     compression: float = 0.5
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -115,7 +115,7 @@ DENSENET_CONFIGS: dict[int, tuple[int, tuple[int, ...]]] = {
 
 
 def densenet(
-    depth: int, *, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32
+    depth: int, *, num_classes: int, width: int | None = None, dtype: DTypeLike = jnp.float32
 ) -> DenseNet:
     """Factory for the registry: ``width`` is the growth rate (default 32; 48 for
     DenseNet-161); the stem has ``2 * width`` features (64 by default, 96 for DenseNet-161)."""

@@ -53,10 +53,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from gdreg.models import layers
-from gdreg.models.conv import conv_general_dilated as chunked_filter_grad_conv
-from gdreg.types import Dtype
 
 # PyTorch's F.gelu (exact) scaled so that it keeps a unit Gaussian's second moment, as the
 # reference's VPGELU.
@@ -96,7 +95,7 @@ class WSConv(nn.Module):
     strides: int = 1
     padding: int = 0
     groups: int = 1
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +114,7 @@ class WSConv(nn.Module):
         )
         weight = standardize_kernel(kernel, gain).astype(self.dtype)
         pad = self.padding
-        y = chunked_filter_grad_conv(
+        y = layers.conv_general_dilated(
             jnp.asarray(x, self.dtype),
             weight,
             (self.strides, self.strides),
@@ -130,7 +129,7 @@ class SqueezeExcite(nn.Module):
     """``sigmoid(Dense(act(Dense(mean_HW(x)))))`` per image and channel (hidden: ``ratio * C``)."""
 
     ratio: float = 0.5
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -151,7 +150,7 @@ class NFBlock(nn.Module):
     beta: float = 1.0
     alpha: float = 0.2
     se_ratio: float = 0.5
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -197,7 +196,7 @@ class NFNet(nn.Module):
     alpha: float = 0.2
     se_ratio: float = 0.5
     stage_depths: Sequence[int] = F0_DEPTHS  # blocks per stage (tests use fewer)
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -237,7 +236,7 @@ class NFNet(nn.Module):
         return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def nfnet(*, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32) -> NFNet:
+def nfnet(*, num_classes: int, width: int | None = None, dtype: DTypeLike = jnp.float32) -> NFNet:
     """Factory for the registry: the reference's ``nfn.yaml`` (NFNet-F0, CIFAR stem);
     ``width`` is the first stage's width (default 256, a multiple of 16)."""
     width = DEFAULT_WIDTH if width is None else width

@@ -33,9 +33,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from gdreg.models import layers
-from gdreg.types import Dtype
 
 # depth -> (alpha, bottleneck), as config/model/pyramidnet{110,272}.yaml.
 PYRAMIDNET_CONFIGS: dict[int, tuple[float, bool]] = {
@@ -72,7 +72,7 @@ class PyramidBasicBlock(nn.Module):
 
     planes: int
     strides: int = 1
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -89,7 +89,7 @@ class PyramidBottleneck(nn.Module):
 
     planes: int
     strides: int = 1
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -122,7 +122,7 @@ class PyramidNet(nn.Module):
     num_classes: int
     bottleneck: bool = False
     width: int = DEFAULT_WIDTH
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -149,7 +149,7 @@ class PyramidNet(nn.Module):
 
 
 def pyramidnet(
-    depth: int, *, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32
+    depth: int, *, num_classes: int, width: int | None = None, dtype: DTypeLike = jnp.float32
 ) -> PyramidNet:
     """Factory for the registry: the reference's PyramidNet-``depth``; ``width`` is the stem
     width (default 16), and the widening ``alpha`` scales with it by ``width / 16``."""

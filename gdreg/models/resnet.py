@@ -43,9 +43,9 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from gdreg.models import layers
-from gdreg.types import Dtype
 
 
 class ShortcutC(nn.Module):
@@ -53,7 +53,7 @@ class ShortcutC(nn.Module):
 
     features: int
     strides: int = 1
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -67,7 +67,7 @@ class ShortcutB(nn.Module):
 
     features: int
     strides: int = 1
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -83,7 +83,7 @@ class BasicBlock(nn.Module):
 
     planes: int
     strides: int = 1
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     shortcut: str = "C"  # a key of SHORTCUTS
 
     expansion: ClassVar[int] = 1
@@ -109,7 +109,7 @@ class Bottleneck(nn.Module):
 
     planes: int
     strides: int = 1
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     shortcut: str = "C"  # a key of SHORTCUTS
 
     expansion: ClassVar[int] = 4
@@ -141,7 +141,7 @@ class ResNet(nn.Module):
     num_classes: int
     width: int = 64
     strides: Sequence[int] = (1, 2, 2, 2)
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     shortcut: str = "C"  # a key of SHORTCUTS
 
     @nn.compact
@@ -175,7 +175,7 @@ RESNET_CONFIGS: dict[int, tuple[type[nn.Module], tuple[int, ...]]] = {
 
 
 def resnet(
-    depth: int, *, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32
+    depth: int, *, num_classes: int, width: int | None = None, dtype: DTypeLike = jnp.float32
 ) -> ResNet:
     """Factory for the registry: ResNet-``depth`` with base width ``width`` (default 64)."""
     block_cls, stage_sizes = RESNET_CONFIGS[depth]
@@ -202,7 +202,7 @@ CIFAR_RESNET_DEFAULT_WIDTH = 64
 
 
 def cifar_resnet(
-    depth: int, *, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32
+    depth: int, *, num_classes: int, width: int | None = None, dtype: DTypeLike = jnp.float32
 ) -> ResNet:
     """Factory for the registry: the three-stage CIFAR ResNet-``depth`` of He et al. 2016
     (basic blocks, widths ``w, 2w, 4w``) with ``w = width``; the default ``w = 64`` is what

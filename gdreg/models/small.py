@@ -26,12 +26,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from gdreg.models import layers
-from gdreg.types import Dtype
 
 
-def _torch_conv(features: int, fan_in: int, dtype: Dtype, name: str) -> nn.Conv:
+def _torch_conv(features: int, fan_in: int, dtype: DTypeLike, name: str) -> nn.Conv:
     return layers.conv(
         features,
         3,
@@ -46,7 +46,7 @@ def _torch_conv(features: int, fan_in: int, dtype: Dtype, name: str) -> nn.Conv:
 class ConvNet1(nn.Module):
     num_classes: int
     width: int = 32
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -62,7 +62,7 @@ class ConvNet1(nn.Module):
 class ConvNet2(nn.Module):
     num_classes: int
     width: int = 32
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -86,7 +86,7 @@ class Linear(nn.Module):
 
     num_classes: int
     width: int = 100
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -103,15 +103,19 @@ class Linear(nn.Module):
         return x.astype(jnp.float32)
 
 
-def convnet1(*, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32) -> ConvNet1:
+def convnet1(
+    *, num_classes: int, width: int | None = None, dtype: DTypeLike = jnp.float32
+) -> ConvNet1:
     return ConvNet1(num_classes=num_classes, width=32 if width is None else width, dtype=dtype)
 
 
-def convnet2(*, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32) -> ConvNet2:
+def convnet2(
+    *, num_classes: int, width: int | None = None, dtype: DTypeLike = jnp.float32
+) -> ConvNet2:
     return ConvNet2(num_classes=num_classes, width=32 if width is None else width, dtype=dtype)
 
 
-def linear(*, num_classes: int, width: int | None = None, dtype: Dtype = jnp.float32) -> Linear:
+def linear(*, num_classes: int, width: int | None = None, dtype: DTypeLike = jnp.float32) -> Linear:
     """The reference's debugging linear model; ``width`` is the number of input entries it
     keeps (default 100)."""
     return Linear(num_classes=num_classes, width=100 if width is None else width, dtype=dtype)

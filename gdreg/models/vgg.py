@@ -25,9 +25,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from gdreg.models import layers
-from gdreg.types import Dtype
 
 # Channel multipliers of the base width; "M" = 2x2 max-pool with stride 2.
 VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
@@ -42,7 +42,7 @@ class VGG(nn.Module):
     config: Sequence[int | str]
     num_classes: int
     width: int = 64
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     batch_norm: bool = True  # False: conv -> ReLU (the reference's normalization=Identity)
 
     @nn.compact
@@ -82,7 +82,7 @@ def vgg(
     *,
     num_classes: int,
     width: int | None = None,
-    dtype: Dtype = jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     batch_norm: bool = True,
 ) -> VGG:
     """Factory for the registry: VGG-``depth`` (with BN unless ``batch_norm=False``),

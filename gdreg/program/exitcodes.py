@@ -1,0 +1,16 @@
+"""Exit codes of gdreg's programs (``gdreg.main``, ``gdreg.tools.landscape``,
+``gdreg.tools.report``, ``gdreg.tools.bench``, ``gdreg.tools.precision``).
+
+``launch/slurm.sbatch`` requeues a job on :data:`PREEMPTED`; scripts may test the others.
+"""
+
+DONE = 0
+#: A bad config field, argument, dataset or run directory (one ``error:`` line says which); also
+#: processes started with different configs or incomplete multi-process flags.
+BAD_INPUT = 2
+#: The loss or gradient became NaN or infinite; the last good checkpoint is intact.
+DIVERGED = 3
+#: Not every process joined the distributed runtime in time.
+JOIN_TIMEOUT = 4
+#: Stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL): rerun to resume.
+PREEMPTED = 75
