@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -95,53 +94,3 @@ def test_stochastic_configs_time_an_epoch_of_minibatches():
     )
     expected_rate = 64 / row["seconds_per_epoch"]
     assert abs(row["images_per_second"] - expected_rate) <= 0.01 * expected_rate
-
-
-def test_gpu_bench_script_sweeps_then_times_the_chosen_shape(tmp_path):
-    """launch/gpu_bench.sh with a stub interpreter that records its calls."""
-    stub, calls = tmp_path / "python", tmp_path / "calls"
-    stub.write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "$*" >> {calls}\n'
-        'if [[ "$*" == *--sweep* ]]; then\n'
-        "  echo 'chosen images=50000 blocks_per_microbatch=8 microbatch_loop=scan "
-        "block_loop=vmap by=fastest'\n"
-        "fi\n"
-    )
-    stub.chmod(stat.S_IRWXU)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(PYTHON=str(stub), STEPS="2")
-    result = subprocess.run(
-        [str(REPO / "launch" / "gpu_bench.sh"), "--noflops"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    bench = [line.split() for line in calls.read_text().splitlines() if line.startswith("-m ")]
-    chosen = [
-        "--config.train.blocks_per_microbatch=8",
-        "--config.train.microbatch_loop=scan",
-        "--config.train.block_loop=vmap",
-    ]
-    expected = []
-    for dtype in ("float32", "bfloat16"):
-        for block in (128, 32):
-            bench_run = [
-                "-m",
-                "gdreg.tools.bench",
-                "--config",
-                "configs/resnet18_fb.py:regularized",
-            ]
-            bench_run += [f"--config.train.block_size={block}", f"--config.model.dtype={dtype}"]
-            bench_run += ["--images", "50000"]
-            sweep = ["--sweep", "--config.train.autotune_seconds=900", "--noflops"]
-            expected += [[*bench_run, *sweep], [*bench_run, *chosen, "--steps", "2", "--noflops"]]
-    for dtype in ("float32", "bfloat16"):
-        sgd = ["-m", "gdreg.tools.bench", "--config", "configs/resnet18_fb.py:sgd"]
-        sgd += [f"--config.model.dtype={dtype}", "--images", "50000", "--steps", "2", "--noflops"]
-        expected.append(sgd)
-    assert bench == expected
-    assert "== SGD, batch 128, bfloat16" in result.stdout

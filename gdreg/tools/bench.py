@@ -33,7 +33,7 @@ unset; the line names it. ``--sweep`` instead runs the autotuner that training r
 (``--config.train.autotune_seconds=900`` for every candidate of a full-size run) and prints one
 ``sweep`` line per candidate (``seconds_per_step`` and ``compile_s``, or ``skipped=`` and why)
 and a ``chosen`` line with the fastest shape; pass that shape's fields to time it alone
-(``launch/gpu_bench.sh`` does both).
+(``launch/gpu_check.sh`` does both, through :mod:`gdreg.tools.gpu_check`).
 """
 
 from __future__ import annotations
