@@ -113,7 +113,9 @@ def _train(stop: preemption.StopRequest) -> int:
         print(f"preempted: {stop}", file=sys.stderr)
         return exitcodes.PREEMPTED
     summary = ", ".join(
-        f"{key} {record[key]:.4f}"
+        f"{key} {100 * record[key]:.2f}%"
+        if key.endswith("accuracy")
+        else f"{key} {record[key]:.4f}"
         for key in ("train_loss", "test_loss", "test_accuracy")
         if key in record
     )

@@ -403,4 +403,4 @@ def test_analysis_metrics_have_their_own_tensorboard_group():
     from gdreg.program import summaries
 
     assert summaries.tag("analysis_grad_snr") == "analysis/grad_snr"
-    assert summaries.tag("train_loss") == "train/loss"
+    assert summaries.tag("train_loss") == "loss/train"

@@ -130,20 +130,39 @@ def check_two_directions_write_json_csv_and_contour_plot(workdir, out):
     assert list(rows[0]) == ["alpha", "beta", "loss", "accuracy", "test_loss", "test_accuracy"]
     assert float(rows[4]["alpha"]) == 0 and float(rows[4]["beta"]) == 0
     assert float(rows[4]["loss"]) == pytest.approx(loss[1, 1], rel=1e-6)
+    # With --test the test loss is drawn beside the training loss, each panel titled.
     picture = mpimg.imread(os.path.join(out, "landscape.png"))
-    assert picture.shape[:2] == (600, 900)
-    # The same picture in the run's TensorBoard, as run "landscape" at the checkpoint's epoch.
+    assert picture.shape[:2] == (600, 1400)
+    figure = landscape.landscape_figure(result)
+    assert figure.get_suptitle() == (
+        "FB in practice, epoch 2: training and test loss along two directions\n"
+        "convnet1 (width 4) on synthetic 8x8x3, 128 images"
+    )
+    panels = [axis for axis in figure.get_axes() if axis.get_title()]
+    assert [axis.get_title() for axis in panels] == ["training loss", "test loss"]
+    colorbars = [axis.get_ylabel() for axis in figure.get_axes() if not axis.get_title()]
+    assert [label.split(" (")[0] for label in colorbars] == ["training loss", "test loss"]
+    # Without --test: one panel, and the title says training loss only.
+    alone = {key: value for key, value in result.items() if not key.startswith("test_")}
+    figure = landscape.landscape_figure(alone)
+    assert figure.get_suptitle().startswith("FB in practice, epoch 2: training loss along")
+    assert [axis.get_title() for axis in figure.get_axes() if axis.get_title()] == ["training loss"]
+
+    # Each call's picture in the run's TensorBoard, in the run's picture run at the
+    # checkpoint's epoch, under a tag of its settings: a second call keeps the first picture.
+    assert landscape.main(["--workdir", workdir, "--points", "3", "--out", out]) == 0
     import tensorflow as tf
 
-    (events,) = (Path(workdir) / "tensorboard" / "landscape").glob("events.out.tfevents.*")
     images = [
-        (event.step, value.image)
+        (value.tag, event.step, value.image.height, value.image.width)
+        for events in (Path(workdir) / rundir.PICTURES_DIR).glob(rundir.EVENTS_PATTERN)
         for event in tf.compat.v1.train.summary_iterator(str(events))
         for value in event.summary.value
         if value.HasField("image")
     ]
-    assert [(step, image.height, image.width) for step, image in images] == [
-        (result["epoch"], 600, 900)
+    assert sorted(images) == [
+        ("landscape/1d_span1_points3_seed0", 2, 600, 900),
+        ("landscape/2d_span1_points3_seed0_test", 2, 600, 1400),
     ]
 
 

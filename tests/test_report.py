@@ -45,7 +45,8 @@ def runs(tmp_path_factory):
 
 
 def parse_table(table: str) -> list[dict[str, str]]:
-    lines = [line.strip().strip("|") for line in table.strip().splitlines()]
+    """The rows of the Markdown table in ``table`` (other lines, e.g. notes, left out)."""
+    lines = [line.strip().strip("|") for line in table.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].split("|")]
     return [
         dict(zip(header, (c.strip() for c in line.split("|")), strict=True)) for line in lines[2:]
@@ -72,6 +73,28 @@ def test_report_of_two_runs(runs, tmp_path, capsys):
     rows = parse_table(printed.split("wrote")[0])
     assert [row["Row"] for row in rows] == ["Baseline SGD", "fullbatch"]  # title, dir name
     sgd, fb = rows
+    # Which model and data each row trained, in the table, the caption and the figure.
+    for row in rows:
+        assert row["Model"] == "convnet1 (width 4)"  # not a paper model: its width is said
+        assert row["Data"] == "synthetic 8x8x3, 128 images"
+    assert "Warning" not in printed  # one dataset
+    caption = "convnet1 (width 4) on synthetic 8x8x3, 128 images"
+    assert f"against epoch, one colour per row (its seeds overlaid); {caption}." in markdown
+    figure = report.curves_figure(report.group_runs([report.load_run(path) for path in runs]))
+    assert figure.get_suptitle() == caption
+    axes = figure.get_axes()
+    assert [axis.get_ylabel() for axis in axes] == [
+        "cross-entropy",
+        "accuracy (%)",
+        "‖mean gradient‖",
+        "learning rate",
+    ]
+    assert [axis.get_title() for axis in axes][:2] == ["training loss", "test accuracy"]
+    assert all(axis.get_xlabel().startswith("epoch") for axis in axes)
+    # accuracy in % on the plot, as in the table
+    (points, *_) = axes[1].get_lines()
+    final = rundir.read_metrics(runs[0])[-1]["test_accuracy"]
+    assert points.get_ydata()[-1] == pytest.approx(100 * final)
     assert sgd["Mini-batching"] == "yes" and fb["Mini-batching"] == "no"
     assert sgd["Epochs"] == fb["Epochs"] == "3"
     assert sgd["Steps"] == "12" and fb["Steps"] == "3"  # 128 // 32 steps per epoch
@@ -221,7 +244,6 @@ def test_paper_rows_show_the_papers_numbers_and_flag_short_runs(tmp_path, capsys
     wide = paper_config("densenet121", "sgd")
     wide.model.width = 12
     narrow = fake_run(tmp_path / "narrow", wide, 300, 0.9)
-    other = fake_run(tmp_path / "other", tiny_config("fullbatch"), 3, 0.25)
     jvp = paper_config("resnet18", "regularized")
     jvp.penalty.method = "jvp"
     exact = fake_run(tmp_path / "jvp", jvp, 3000, 0.95)
@@ -229,35 +251,93 @@ def test_paper_rows_show_the_papers_numbers_and_flag_short_runs(tmp_path, capsys
     with open(os.path.join(changed, rundir.CONFIG_HISTORY_FILE), "w") as handle:
         handle.write("{}\n")
 
-    runs = [strong, short, narrow, other, exact, changed]
+    runs = [strong, short, narrow, exact, changed]
     assert report.main([*runs, "--out", str(tmp_path / "out")]) == 0
-    rows = parse_table(capsys.readouterr().out.split("wrote")[0])
+    printed = capsys.readouterr().out
+    rows = parse_table(printed)
     by_label = {row["Row"]: row for row in rows}
     row = by_label["FB strong reg."]
     assert row["Test accuracy (%)"] == "95.80" and row["Paper (%)"] == "95.67 ± 0.08"
     assert row["Difference"] == "+0.13" and row["Comparable"] == "yes"
+    assert row["Model"] == "resnet18" and row["Data"] == "CIFAR-10"
+    # Two reasons: the first in the cell, both in note [1] below the table.
     row = by_label["FB in practice"]
     assert row["Paper (%)"] == "96.56" and row["Difference"] == "-46.56"
-    assert row["Comparable"] == "no: 1,024 of 50,000 images; 40 of 3,000 epochs"
+    assert row["Data"] == "CIFAR-10, 1,024-image subset"
+    assert row["Comparable"] == "no: 1,024 of 50,000 images (+1) [1]"
+    assert "[1] FB in practice: 1,024 of 50,000 images; 40 of 3,000 epochs" in printed
+    assert "Warning" not in printed  # a subset of CIFAR-10 is evaluated on CIFAR-10's test set
     row = by_label["Baseline SGD"]
     assert row["Paper (%)"] == "95.84" and row["Comparable"] == "no: model.width 12 (paper 32)"
-    row = by_label["other"]
-    assert row["Paper (%)"] == row["Difference"] == row["Comparable"] == "-"
+    assert row["Model"] == "densenet121 (width 12)"
     assert by_label["FB regularized"]["Comparable"] == "no: penalty.method jvp (paper forward)"
     assert by_label["FB clipped"]["Comparable"] == (
         "no: config changed during the run (config_history.jsonl)"
     )
+    assert max(len(row["Comparable"]) for row in rows) <= 60
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "[1] FB in practice: 1,024 of 50,000 images; 40 of 3,000 epochs" in markdown
 
+    # The CSV for programs: one number per cell, mean and standard deviation apart.
     with open(tmp_path / "out" / "report.csv", newline="") as handle:
-        table = list(csv.reader(handle))
-    assert table[0] == list(report.COLUMNS)
-    assert [line[:9] for line in table[1:]] == [
-        [row[name] for name in report.COLUMNS[:9]] for row in rows
-    ]
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == list(report.CSV_COLUMNS)
+    by_label = {line["Row"]: line for line in table}
+    line = by_label["FB strong reg."]
+    assert float(line["Test accuracy (%)"]) == pytest.approx(95.80)
+    assert line["Test accuracy std (%)"] == ""  # one seed
+    assert float(line["Paper (%)"]) == 95.67 and float(line["Paper std (%)"]) == 0.08
+    assert float(line["Difference (percentage points)"]) == pytest.approx(0.13)
+    assert line["Comparable"] == "yes" and line["Not comparable because"] == ""
+    assert int(line["Steps"]) == 3000 and int(line["Epochs"]) == 3000
+    line = by_label["FB in practice"]
+    assert line["Comparable"] == "no" and line["Paper std (%)"] == ""
+    assert line["Not comparable because"] == "1,024 of 50,000 images; 40 of 3,000 epochs"
+    assert int(by_label["Baseline SGD"]["Steps"]) == 300 * (49_920 // 128)
     latex = (tmp_path / "out" / "report.tex").read_text()
-    assert latex.startswith("\\begin{tabular}{llrrlrrrrl}")
+    assert latex.startswith("\\begin{tabular}{llllrrlrrrrl}")
     assert "95.67 $\\pm$ 0.08" in latex and "\\end{tabular}" in latex
     assert latex.count(" \\\\\n") == 1 + len(rows)
+    assert "% [1] FB in practice: 1,024 of 50,000 images; 40 of 3,000 epochs" in latex
+
+
+def test_runs_on_other_data_say_so(tmp_path, capsys):
+    """A paper row on synthetic data is not compared with the paper (no sizes, no
+    difference), and a table that mixes datasets warns, in the table and in the figure."""
+    cifar = fake_run(tmp_path / "cifar", paper_config("resnet18", "strong"), 3000, 0.9580)
+    synthetic = paper_config("resnet18", "strong", dataset="synthetic")
+    synthetic.data.train_size = 100
+    synthetic.train.epochs = 3
+    small = fake_run(tmp_path / "synthetic", synthetic, 3, 0.25)
+    other = fake_run(tmp_path / "other", tiny_config("fullbatch"), 3, 0.25)
+    assert report.main([cifar, small, other, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    rows = {row["Row"]: row for row in parse_table(printed)}
+    row = rows["FB strong reg. (synthetic)"]
+    assert row["Data"] == "synthetic 32x32x3, 100 images"
+    assert row["Paper (%)"] == "95.67 ± 0.08"  # the row's number, for orientation
+    assert row["Difference"] == "-" and row["Comparable"] == "no: synthetic data"
+    assert rows["other"]["Comparable"] == "-"  # not a model of the paper
+    warning = (
+        "Warning: these runs trained on 3 different datasets (CIFAR-10; synthetic 32x32x3, "
+        "512 images; synthetic 8x8x3, 128 images): compare accuracies only between rows of "
+        "the same Data."
+    )
+    assert printed.startswith(warning + "\n")
+    assert f"**{warning}**" in (tmp_path / "out" / "report.md").read_text()
+    result = report.write_report([cifar, small, other], str(tmp_path / "again"))
+    figure = report.curves_figure(result["groups"])
+    assert "3 different datasets" in figure.get_suptitle()
+    labels = figure.legends[0].get_texts()
+    assert [label.get_text() for label in labels] == [
+        "FB strong reg. (cifar): resnet18 on CIFAR-10",
+        "FB strong reg. (synthetic): resnet18 on synthetic 32x32x3, 100 images",
+        "other: convnet1 (width 4) on synthetic 8x8x3, 128 images",
+    ]
+    with open(result["csv"], newline="") as handle:
+        line = list(csv.DictReader(handle))[1]
+    assert line["Not comparable because"] == "synthetic data"
+    assert line["Difference (percentage points)"] == ""
 
 
 def test_duplicated_epochs_are_reported(tmp_path, capsys):

@@ -209,11 +209,12 @@ def test_resume_is_bitwise_equal_with_each_batchnorm_rule(tmp_path, monkeypatch,
 
 
 def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] of every scalar in ``workdir/tensorboard``, read by TensorFlow."""
+    """tag -> [(step, value)] of every scalar in the event files of ``workdir``, read by
+    TensorFlow."""
     import tensorflow as tf
 
     scalars: dict[str, list[tuple[int, float]]] = {}
-    paths = sorted((Path(workdir) / rundir.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    paths = sorted(Path(workdir).glob(rundir.EVENTS_PATTERN))
     assert paths, f"no event file in {workdir}"
     for path in paths:
         for event in tf.compat.v1.train.summary_iterator(str(path)):
@@ -229,8 +230,11 @@ def assert_tensorboard_equals_metrics(workdir):
     for record in rundir.read_metrics(workdir):
         for key, value in record.items():
             if key != "epoch":
-                expected.setdefault(summaries.tag(key), []).append((record["epoch"], value))
+                shown = summaries.shown_value(key, value)  # accuracies in %
+                expected.setdefault(summaries.tag(key), []).append((record["epoch"], shown))
     assert sorted(scalars) == sorted(expected)
+    # every key a run writes has its group (gdreg.program.summaries.TAGS)
+    assert not [name for name in scalars if name.startswith("other/")], sorted(scalars)
     for name, points in expected.items():
         steps = [step for step, _ in scalars[name]]
         assert steps == [step for step, _ in points], name  # each epoch once, in order

@@ -320,6 +320,44 @@ def paper_config(model: str, row: str, dataset: str = "cifar10") -> ml_collectio
     return apply_row(config, row)
 
 
+#: How reports and plots name a dataset (``data.name``).
+DATA_TITLES = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "digits": "8x8 digits",
+    "synthetic": "synthetic",
+    "npz": "npz",
+}
+
+
+def data_title(flat: Mapping[str, Any], *, subset: bool = True) -> str:
+    """The training data of a flattened config (:func:`flatten`) in a few words: ``CIFAR-10``,
+    ``CIFAR-10, 1,024-image subset``, ``synthetic 8x8x3, 128 images``, ``npz train.npz``.
+    ``subset=False`` names the dataset alone (a subset of CIFAR-10 is CIFAR-10), whose test set
+    every run of it is evaluated on."""
+    name = str(flat.get("data.name", ""))
+    title = DATA_TITLES.get(name, name)
+    size = int(flat.get("data.train_size") or 0) if subset else 0
+    if name == "synthetic":
+        shape = "x".join(str(int(side)) for side in flat.get("data.synthetic_shape", ()))
+        images = int(flat.get("data.synthetic_train_size") or 0)
+        images = min(images, size) if size else images
+        return f"{title} {shape}, {images:,} images"
+    if name == "npz":
+        title = f"npz {str(flat.get('data.npz_path', '')).rstrip('/').split('/')[-1]}"
+    return f"{title}, {size:,}-image subset" if size else title
+
+
+def model_title(flat: Mapping[str, Any]) -> str:
+    """The model of a flattened config: its registry name, with its width when that is not
+    the paper's (:data:`PAPER_WIDTHS`), e.g. ``resnet18`` or ``convnet2 (width 16)``."""
+    name = str(flat.get("model.name", ""))
+    width = flat.get("model.width")
+    if width is None or PAPER_WIDTHS.get(name.strip().lower()) == width:
+        return name
+    return f"{name} (width {int(width)})"
+
+
 # ----- validation -------------------------------------------------------------------------------
 
 

@@ -165,13 +165,15 @@ def run_epoch(run: Run, state: TrainState, step: TrainStep) -> tuple[TrainState,
 
 
 def progress_text(record: dict[str, Any], test_accuracy: float | None = None) -> str:
-    """The figures of an epoch for the console: loss, accuracy, |g|, lr, s/epoch, test."""
+    """The figures of an epoch for the console: loss, accuracy, |g|, lr, s/epoch, test
+    accuracy (accuracies in percent, as everywhere they are shown; ``record`` and
+    ``test_accuracy`` hold fractions, as ``metrics.jsonl``)."""
     text = (
-        f"loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f} "
+        f"loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:.1f}% "
         f"|g| {record['grad_norm']:.3f} lr {record['lr']:.4f} {record['seconds']:.2f}s/epoch"
     )
     if test_accuracy is not None:
-        text += f" test {test_accuracy:.4f}"
+        text += f" test {100 * test_accuracy:.2f}%"
     return text
 
 

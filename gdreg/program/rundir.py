@@ -5,7 +5,8 @@
     WORKDIR/loop_shape.json   the engine's loop shape the run trains with (gdreg.program.autotune)
     WORKDIR/.lock             held by the run using the directory (host, pid, since)
     WORKDIR/metrics.jsonl     one JSON object per epoch, with at least ``epoch``
-    WORKDIR/tensorboard/      the same metrics as TensorBoard events (gdreg.program.summaries)
+    WORKDIR/events.out.tfevents.*   the same metrics as TensorBoard events (gdreg.program.summaries)
+    WORKDIR/pictures/         TensorBoard pictures (the loss landscape), a run of their own
     WORKDIR/checkpoints/N/    orbax checkpoints (gdreg.program.checkpoint)
 
 The only module that knows these names and formats; :mod:`gdreg.program.loop` writes through it,
@@ -35,7 +36,13 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_CHECKPOINT_DIR = "damaged_checkpoints"
-TENSORBOARD_DIR = "tensorboard"
+#: TensorBoard event files, directly in the run directory so that TensorBoard names the run
+#: after it (gdreg.program.summaries).
+EVENTS_PATTERN = "events.out.tfevents.*"
+#: TensorBoard pictures: a run of their own below the run directory.
+PICTURES_DIR = "pictures"
+#: Where runs written before the layout above kept their event files.
+OLD_TENSORBOARD_DIR = "tensorboard"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 LOCK_FILE = ".lock"
 LOOP_SHAPE_FILE = "loop_shape.json"

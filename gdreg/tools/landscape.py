@@ -26,9 +26,13 @@ next epoch logs (up to float rounding). With ``--test`` the test loss and accura
 (evaluation mode) are computed at every point too.
 
 Writes ``landscape.json`` (grid, values and settings), ``landscape.csv`` (one row per
-point) and ``landscape.png`` (loss and accuracy along the line for 1D; loss contours for
-2D) to ``--out`` (default: the run directory), and the picture to the run's TensorBoard
-(``WORKDIR/tensorboard/landscape``, at the checkpoint's epoch).
+point; accuracies as fractions, like ``metrics.jsonl``) and ``landscape.png`` (loss and
+accuracy in % along the line for 1D; loss contours for 2D, the training loss beside the test
+loss with ``--test``; titled with the run, its model and data, and which loss) to ``--out``
+(default: the run directory), and the picture to the run's TensorBoard: the run's picture
+run ``WORKDIR/pictures`` at the checkpoint's epoch, under a tag of its settings
+(:func:`picture_tag`, e.g. ``landscape/2d_span1_points21_seed0_test``), so that calls with
+other settings keep their own pictures.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -49,13 +53,18 @@ import numpy as np
 from gdreg.engine.directions import random_direction
 from gdreg.engine.mesh import fetch_replicated, replicate
 from gdreg.program import distributed, exitcodes, rundir, summaries
-from gdreg.program.config import ROW_TITLES
+from gdreg.program.config import ROW_TITLES, data_title, flatten, model_title
 from gdreg.program.progress import ProgressBar
 from gdreg.program.rundir import RunDirError
 from gdreg.program.saved_run import load_checkpoint, load_run
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 OUTPUT_NAME = "landscape"
 FIGURE_SIZE_PX = (900, 600)
+#: 2D with --test: the training and the test loss side by side.
+TWO_PANEL_SIZE_PX = (1400, 600)
 FIGURE_DPI = 100
 NORMALIZATION = (
     "filter-wise (Li et al. 2018): each output channel/unit of a kernel rescaled to the norm "
@@ -139,6 +148,8 @@ def compute_landscape(
         "workdir": os.path.abspath(workdir),
         "epoch": epoch,
         "row": config.row,
+        "model": model_title(flatten(config)),
+        "data": data_title(flatten(config)),
         "directions": directions,
         "points": points,
         "span": span,
@@ -187,29 +198,57 @@ def write_outputs(result: dict[str, Any], out: str) -> dict[str, str]:
     return paths
 
 
-def plot_landscape(result: dict[str, Any], path: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
+def picture_tag(result: dict[str, Any]) -> str:
+    """The TensorBoard image tag of a landscape: its settings, e.g.
+    ``landscape/1d_span1_points21_seed0`` (``_test`` with the test set)."""
+    name = (
+        f"{OUTPUT_NAME}/{result['directions']}d_span{result['span']:g}"
+        f"_points{result['points']}_seed{result['seed']}"
+    )
+    return name + ("_test" if "test_loss" in result else "")
 
-    width, height = FIGURE_SIZE_PX
-    figure = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
-    FigureCanvasAgg(figure)
-    axis = figure.subplots()
+
+def figure_title(result: dict[str, Any]) -> str:
+    """The picture's title: run, epoch, which loss, and the run's model and data."""
     row = result["row"]
     name = ROW_TITLES.get(row, row) if row else os.path.basename(result["workdir"])
-    title = f"{name}, epoch {result['epoch']}: training loss along filter-normalized directions"
+    which = "training and test loss" if "test_loss" in result else "training loss"
+    along = "a filter-normalized direction" if result["directions"] == 1 else "two directions"
+    title = f"{name}, epoch {result['epoch']}: {which} along {along}"
+    if "model" in result:  # landscape.json files of older versions lack them
+        title += f"\n{result['model']} on {result['data']}"
+    return title
+
+
+def plot_landscape(result: dict[str, Any], path: str) -> None:
+    """Writes :func:`landscape_figure` to the PNG ``path``."""
+    landscape_figure(result).savefig(path, dpi=FIGURE_DPI)
+
+
+def landscape_figure(result: dict[str, Any]) -> Figure:
+    """The picture (matplotlib) of ``result`` (from :func:`compute_landscape`): loss and
+    accuracy (%) along the line for 1D; loss contours for 2D, training and test side by side
+    when the test set was evaluated; titled with :func:`figure_title`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    two_panels = result["directions"] == 2 and "test_loss" in result
+    width, height = TWO_PANEL_SIZE_PX if two_panels else FIGURE_SIZE_PX
+    figure = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
+    FigureCanvasAgg(figure)
+    figure.suptitle(figure_title(result), fontsize="medium")
     alpha = np.asarray(result["alpha"])
     loss = np.asarray(result["loss"], np.float64)
-    positive = bool(np.all(loss > 0) and np.all(np.isfinite(loss)))
     if result["directions"] == 1:
+        axis = figure.subplots()
         axis.plot(alpha, loss, color="C0", marker="o", markersize=3, label="training loss")
         if "test_loss" in result:
             axis.plot(alpha, result["test_loss"], color="C0", linestyle="--", label="test loss")
-        if positive:
+        curves = [loss, np.asarray(result.get("test_loss", loss), np.float64)]
+        if all(_positive(values) for values in curves):
             axis.set_yscale("log")
         axis.set_xlabel("distance along the direction (filter-normalized units)")
-        axis.set_ylabel("loss", color="C0")
+        axis.set_ylabel("loss (cross-entropy)", color="C0")
         accuracy_axis = axis.twinx()
         accuracy_axis.plot(
             alpha, 100 * np.asarray(result["accuracy"]), color="C1", label="training accuracy"
@@ -229,29 +268,47 @@ def plot_landscape(result: dict[str, Any], path: str) -> None:
             lines, [line.get_label() for line in lines], loc="lower center", ncol=len(lines)
         )
         axis.grid(True, alpha=0.3)
+        figure.tight_layout(rect=(0, 0.06, 1, 1))
     else:
+        panels = [("training loss", loss)]
+        if two_panels:
+            panels.append(("test loss", np.asarray(result["test_loss"], np.float64)))
+        axes = figure.subplots(1, len(panels), squeeze=False)[0]
         beta = np.asarray(result["beta"])
-        # loss[i][j] is at (alpha[i], beta[j]): alpha on the x axis
-        xs, ys = np.meshgrid(alpha, beta, indexing="ij")
-        log_scale = positive and loss.max() > loss.min()
-        if log_scale:
-            levels = np.geomspace(loss.min(), loss.max(), 25)
-            filled = axis.contourf(xs, ys, loss, levels=levels, norm=LogNorm(), cmap="viridis")
-            axis.contour(xs, ys, loss, levels=levels[::3], colors="white", linewidths=0.6)
-        else:
-            filled = axis.contourf(xs, ys, loss, levels=25, cmap="viridis")
-        colorbar = figure.colorbar(filled, ax=axis, label="training loss (log scale)")
-        if log_scale:
-            ticks = _log_ticks(loss.min(), loss.max())
-            colorbar.set_ticks(ticks, labels=[f"{tick:g}" for tick in ticks])
-            colorbar.minorticks_off()
-        axis.plot([0], [0], marker="*", color="red", markersize=12, linestyle="none")
-        axis.set_xlabel("direction 1")
-        axis.set_ylabel("direction 2")
-        axis.set_aspect("equal")
-    axis.set_title(title, fontsize="medium")
-    figure.tight_layout(rect=(0, 0.06 if result["directions"] == 1 else 0, 1, 1))
-    figure.savefig(path, dpi=FIGURE_DPI)
+        for axis, (which, values) in zip(axes, panels, strict=True):
+            _contours(figure, axis, alpha, beta, values, which)
+        figure.tight_layout()
+    return figure
+
+
+def _positive(values: np.ndarray) -> bool:
+    return bool(np.all(values > 0) and np.all(np.isfinite(values)))
+
+
+def _contours(figure, axis, alpha: np.ndarray, beta: np.ndarray, values: np.ndarray, which: str):
+    """Filled contours of ``values`` (``values[i][j]`` at ``(alpha[i], beta[j])``), log-scaled
+    when positive, with a colour bar naming ``which`` loss; a star at the checkpoint."""
+    from matplotlib.colors import LogNorm
+
+    xs, ys = np.meshgrid(alpha, beta, indexing="ij")  # alpha on the x axis
+    log_scale = _positive(values) and values.max() > values.min()
+    if log_scale:
+        levels = np.geomspace(values.min(), values.max(), 25)
+        filled = axis.contourf(xs, ys, values, levels=levels, norm=LogNorm(), cmap="viridis")
+        axis.contour(xs, ys, values, levels=levels[::3], colors="white", linewidths=0.6)
+    else:
+        filled = axis.contourf(xs, ys, values, levels=25, cmap="viridis")
+    label = f"{which} (log scale)" if log_scale else which
+    colorbar = figure.colorbar(filled, ax=axis, label=label)
+    if log_scale:
+        ticks = _log_ticks(values.min(), values.max())
+        colorbar.set_ticks(ticks, labels=[f"{tick:g}" for tick in ticks])
+        colorbar.minorticks_off()
+    axis.plot([0], [0], marker="*", color="red", markersize=12, linestyle="none")
+    axis.set_title(which)
+    axis.set_xlabel("direction 1 (filter-normalized units)")
+    axis.set_ylabel("direction 2 (filter-normalized units)")
+    axis.set_aspect("equal")
 
 
 def _log_ticks(low: float, high: float) -> list[float]:
@@ -300,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         paths = write_outputs(result, args.out or args.workdir)
         try:
-            summaries.add_picture(args.workdir, "landscape", paths["png"], result["epoch"])
+            summaries.add_picture(args.workdir, picture_tag(result), paths["png"], result["epoch"])
         except OSError as error:  # e.g. a run directory the user may only read
             logging.warning("the plot was not added to the run's TensorBoard: %s", error)
     except RunDirError as error:
@@ -312,6 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"checkpoint, {loss.min():.4f} to {loss.max():.4f} on the grid "
         f"({loss.size} points, {result['seconds']:.1f}s)"
     )
+    if args.test:
+        center = result["center"]
+        print(
+            f"test loss {center['test_loss']:.4f} and test accuracy "
+            f"{100 * center['test_accuracy']:.2f}% at the checkpoint"
+        )
     print("wrote " + ", ".join(paths.values()))
     return exitcodes.DONE
 

@@ -7,14 +7,22 @@ writes to ``--out`` (default: the run directories' common parent, or the run dir
 for a single run):
 
 * ``curves.png``: one 1000 x 750 px figure of four panels against epochs: training loss,
-  test accuracy (on the evaluation epochs), gradient norm and learning rate, all runs
-  overlaid. Runs that differ only in their seed share a colour and one legend entry.
-* ``report.md``: the table in the layout of the paper's Table 1 (row, mini-batching,
-  epochs, steps, modifications, final test accuracy in %) with the paper's accuracy for the
-  same model and row, the difference, and whether the run is comparable (else what
-  differs: fewer epochs or images, another width or setting), the figure, and which
-  directories make up each row. The table is also printed, and written as ``report.csv``
-  and ``report.tex`` (a booktabs ``tabular``).
+  test accuracy in % (on the evaluation epochs), gradient norm and learning rate, all runs
+  overlaid, each axis labelled, titled with the model and data the runs trained (the legend
+  names them when the runs differ in them). Runs that differ only in their seed share a
+  colour and one legend entry.
+* ``report.md``: the table in the layout of the paper's Table 1 (row, model, data,
+  mini-batching, epochs, steps, modifications, final test accuracy in %) with the paper's
+  accuracy for the same model and row, the difference, and whether the run is comparable
+  (``yes``, else the first thing that differs, with every difference in a numbered note
+  below the table), a warning when the runs are on more than one dataset, the figure with
+  its caption, and which directories make up each row. The table, warning and notes are
+  also printed; the table is written as ``report.tex`` (a booktabs ``tabular``, the notes
+  as comments) and as ``report.csv`` for programs (numbers in cells of their own: mean and
+  standard deviation apart, steps without separators, every reason in full).
+
+Units: accuracies are in % everywhere the report shows them (``metrics.jsonl`` stores
+fractions).
 
 The paper's numbers live in ``gdreg/paper_results.json`` with their source (Tables 1 and 2
 and the fixed-dataset results of Sec. 4.3).
@@ -49,7 +57,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,11 +67,16 @@ from gdreg.program.config import (
     ROW_TITLES,
     RUNTIME_FIELDS,
     base_config,
+    data_title,
     flatten,
     in_fields,
+    model_title,
     paper_config,
 )
 from gdreg.program.rundir import RunDirError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FIGURE_FILE = "curves.png"
 REPORT_FILE = "report.md"
@@ -77,8 +90,11 @@ FIGURE_DPI = 100
 # in these and in the seed are seeds of one row.
 NOT_GROUPED_BY = ("seed", *RUNTIME_FIELDS)
 _PAPER_BLOCK_SIZE = base_config().train.block_size
+#: The columns of the printed, Markdown and LaTeX table.
 COLUMNS = (
     "Row",
+    "Model",
+    "Data",
     "Mini-batching",
     "Epochs",
     "Steps",
@@ -89,7 +105,27 @@ COLUMNS = (
     "Difference",
     "Comparable",
 )
-NUMERIC_COLUMNS = {2, 3, 5, 6, 7, 8}
+#: Right-aligned columns (indices into COLUMNS).
+NUMERIC_COLUMNS = {4, 5, 7, 8, 9, 10}
+#: The columns of report.csv: one value per cell, numbers as plain numbers ("" for none).
+CSV_COLUMNS = (
+    "Row",
+    "Model",
+    "Data",
+    "Mini-batching",
+    "Epochs",
+    "Planned epochs",
+    "Steps",
+    "Modifications",
+    "Seeds",
+    "Test accuracy (%)",
+    "Test accuracy std (%)",
+    "Paper (%)",
+    "Paper std (%)",
+    "Difference (percentage points)",
+    "Comparable",
+    "Not comparable because",
+)
 
 
 @dataclasses.dataclass
@@ -232,15 +268,6 @@ def modifications(config: dict[str, Any]) -> str:
     return "+".join(parts) or "-"
 
 
-def format_accuracy(group: Group) -> str:
-    if group.mean is None:
-        return "n/a"
-    text = f"{100 * group.mean:.2f}"
-    if group.std is not None:
-        text += f" ± {100 * group.std:.2f}"
-    return text
-
-
 @functools.cache
 def paper_results() -> dict[str, Any]:
     """The paper's table (``gdreg/paper_results.json``): source, dataset and accuracies."""
@@ -263,22 +290,22 @@ def not_comparable(
     It must train the paper's model at the paper's width on the whole CIFAR-10 training set
     with the configuration of the row (:func:`gdreg.program.config.paper_config`, every field that
     can change the result), for exactly the row's number of epochs, and keep that configuration
-    for the whole run.
+    for the whole run. A run on other data is not compared further: its one reason is the data
+    (e.g. ``synthetic data``).
     """
     row, model = config["row"], str(config["model.name"]).strip().lower()
     paper = paper_results()
-    reasons = []
     if config["data.name"] != paper["dataset"]:
-        reasons.append(f"data.name {config['data.name']} (paper {paper['dataset']})")
-    elif int(config["data.train_size"]) != 0:
+        return [f"{config['data.name']} data"]
+    reasons = []
+    if int(config["data.train_size"]) != 0:
         reasons.append(f"{int(config['data.train_size']):,} of {paper['train_images']:,} images")
     planned = int(PAPER_TABLE[row].settings["train.epochs"])
     if epochs_done < planned:
         reasons.append(f"{epochs_done:,} of {planned:,} epochs")
     expected = flatten(paper_config(model, row))
-    special = ("row", "model.name", "data.name", "data.train_size")
     for field, value in expected.items():
-        if field in special or _not_grouped_by(field):
+        if field in _COMPARED_APART or _not_grouped_by(field):
             continue
         if field == "train.epochs" and epochs_done < planned:
             continue  # said above
@@ -289,49 +316,186 @@ def not_comparable(
     return reasons
 
 
-def paper_cells(group: Group) -> list[str]:
-    """The cells "Paper (%)", "Difference" and "Comparable" of one row ("-" if not a paper row)."""
-    paper = paper_accuracy(group.config)
-    if paper is None:
-        return ["-", "-", "-"]
-    mean, std = paper
-    reasons = not_comparable(
-        group.config,
-        min(run.final_epoch for run in group.runs),
-        changed_during_run=any(
-            os.path.exists(os.path.join(run.path, rundir.CONFIG_HISTORY_FILE)) for run in group.runs
-        ),
+# Compared above (row, model, data, subset), or fields of other datasets than the paper's.
+_COMPARED_APART = (
+    "row",
+    "model.name",
+    "data.name",
+    "data.train_size",
+    "data.npz_path",
+    "data.synthetic_shape",
+    "data.synthetic_num_classes",
+    "data.synthetic_train_size",
+    "data.synthetic_test_size",
+)
+
+
+@dataclasses.dataclass
+class TableRow:
+    """One row of the table as numbers and words (accuracies in %); the formats below
+    (:func:`display_cells`, :func:`csv_cells`) are made from it."""
+
+    label: str
+    model: str
+    data: str
+    dataset: str  # the data without the subset: rows of one dataset share its test set
+    stochastic: bool
+    epochs: int  # done by every seed
+    planned_epochs: int
+    steps: int
+    modifications: str
+    seeds: int
+    accuracy: float | None  # mean over seeds, %
+    accuracy_std: float | None  # sample standard deviation, %
+    paper: float | None  # the paper's mean for this model and row, %
+    paper_std: float | None
+    comparable: bool | None  # None: not a row of the paper
+    reasons: list[str]  # why not comparable
+
+    @property
+    def difference(self) -> float | None:
+        """Ours minus the paper's, in percentage points, for runs on the paper's data."""
+        if self.accuracy is None or self.paper is None or self._other_data:
+            return None
+        return self.accuracy - self.paper
+
+    @property
+    def _other_data(self) -> bool:
+        return bool(self.reasons) and self.reasons[0].endswith(" data")
+
+
+def summarize(group: Group) -> TableRow:
+    """The table row of one group of seeds."""
+    config = group.config
+    done = min(run.final_epoch for run in group.runs)
+    paper = paper_accuracy(config)
+    reasons: list[str] = []
+    if paper is not None:
+        reasons = not_comparable(
+            config,
+            done,
+            changed_during_run=any(
+                os.path.exists(os.path.join(run.path, rundir.CONFIG_HISTORY_FILE))
+                for run in group.runs
+            ),
+        )
+    return TableRow(
+        label=group.label,
+        model=model_title(config),
+        data=data_title(config),
+        dataset=data_title(config, subset=False),
+        stochastic=config["train.mode"] == "stochastic",
+        epochs=done,
+        planned_epochs=int(config["train.epochs"]),
+        steps=min(run.steps_until(done) for run in group.runs),
+        modifications=modifications(config),
+        seeds=len(group.runs),
+        accuracy=None if group.mean is None else 100 * group.mean,
+        accuracy_std=None if group.std is None else 100 * group.std,
+        paper=None if paper is None else paper[0],
+        paper_std=None if paper is None else paper[1],
+        comparable=None if paper is None else not reasons,
+        reasons=reasons,
     )
-    difference = "n/a" if group.mean is None else f"{100 * group.mean - mean:+.2f}"
+
+
+def _plus_minus(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def display_cells(row: TableRow, note: int | None = None) -> list[str]:
+    """The cells of ``row`` in the order of :data:`COLUMNS`; ``note`` numbers the note that
+    lists every reason when there is more than one."""
+    epochs = (
+        f"{row.epochs}"
+        if row.epochs >= row.planned_epochs
+        else f"{row.epochs}/{row.planned_epochs}"
+    )
+    if row.comparable is None:
+        paper, difference, comparable = "-", "-", "-"
+    else:
+        paper = _plus_minus(row.paper, row.paper_std)
+        if row.difference is not None:
+            difference = f"{row.difference:+.2f}"
+        else:
+            difference = "n/a" if row.accuracy is None and not row._other_data else "-"
+        comparable = "yes" if row.comparable else f"no: {row.reasons[0]}"
+        if len(row.reasons) > 1:
+            comparable += f" (+{len(row.reasons) - 1}) [{note}]"
     return [
-        f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else ""),
+        row.label,
+        row.model,
+        row.data,
+        "yes" if row.stochastic else "no",
+        epochs,
+        f"{row.steps:,}",
+        row.modifications,
+        str(row.seeds),
+        _plus_minus(row.accuracy, row.accuracy_std),
+        paper,
         difference,
-        "yes" if not reasons else "no: " + "; ".join(reasons),
+        comparable,
     ]
 
 
-def table_rows(groups: Sequence[Group]) -> list[list[str]]:
-    """The cells of the table, one list per group, in the order of :data:`COLUMNS`."""
-    rows = []
-    for group in groups:
-        config = group.config
-        planned = int(config["train.epochs"])
-        done = min(run.final_epoch for run in group.runs)
-        epochs = f"{done}" if done >= planned else f"{done}/{planned}"
-        steps = min(run.steps_until(done) for run in group.runs)
-        rows.append(
-            [
-                group.label,
-                "yes" if config["train.mode"] == "stochastic" else "no",
-                epochs,
-                f"{steps:,}",
-                modifications(config),
-                str(len(group.runs)),
-                format_accuracy(group),
-                *paper_cells(group),
-            ]
-        )
-    return rows
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def csv_cells(row: TableRow) -> list[str]:
+    """The cells of ``row`` in the order of :data:`CSV_COLUMNS`: one value each."""
+    return [
+        row.label,
+        row.model,
+        row.data,
+        "yes" if row.stochastic else "no",
+        str(row.epochs),
+        str(row.planned_epochs),
+        str(row.steps),
+        row.modifications,
+        str(row.seeds),
+        _number(row.accuracy),
+        _number(row.accuracy_std),
+        _number(row.paper),
+        _number(row.paper_std),
+        _number(row.difference),
+        "" if row.comparable is None else ("yes" if row.comparable else "no"),
+        "; ".join(row.reasons),
+    ]
+
+
+def notes(rows: Sequence[TableRow]) -> list[tuple[int, str]]:
+    """(number, text) of the notes below the table: every reason of the rows that are not
+    comparable for more than one, numbered in the order of the rows."""
+    found = []
+    for row in rows:
+        if len(row.reasons) > 1:
+            found.append((len(found) + 1, f"{row.label}: {'; '.join(row.reasons)}"))
+    return found
+
+
+def table_cells(rows: Sequence[TableRow]) -> list[list[str]]:
+    """The displayed cells of every row, with the note numbers of :func:`notes`."""
+    cells, note = [], 0
+    for row in rows:
+        if len(row.reasons) > 1:
+            note += 1
+        cells.append(display_cells(row, note if len(row.reasons) > 1 else None))
+    return cells
+
+
+def dataset_warning(rows: Sequence[TableRow]) -> str | None:
+    """One line when the rows trained on more than one dataset (their accuracies cannot be
+    set side by side), else None."""
+    datasets = list(dict.fromkeys(row.dataset for row in rows))
+    if len(datasets) < 2:
+        return None
+    return (
+        f"Warning: these runs trained on {len(datasets)} different datasets "
+        f"({'; '.join(datasets)}): compare accuracies only between rows of the same Data."
+    )
 
 
 def markdown_table(rows: Sequence[Sequence[str]]) -> str:
@@ -353,12 +517,12 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(rows[0]), line(rule), *(line(row) for row in rows[1:])])
 
 
-def write_csv(rows: Sequence[Sequence[str]], path: str) -> None:
-    """The header and ``rows`` as CSV."""
+def write_csv(rows: Sequence[TableRow], path: str) -> None:
+    """The header :data:`CSV_COLUMNS` and ``rows`` as CSV, one value per cell."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(csv_cells(row) for row in rows)
 
 
 _LATEX_SPECIAL = {
@@ -376,8 +540,9 @@ _LATEX_SPECIAL = {
 }
 
 
-def latex_table(rows: Sequence[Sequence[str]]) -> str:
-    """The header and ``rows`` as a LaTeX ``tabular`` (booktabs rules)."""
+def latex_table(rows: Sequence[Sequence[str]], footnotes: Sequence[tuple[int, str]] = ()) -> str:
+    """The header and ``rows`` (displayed cells) as a LaTeX ``tabular`` (booktabs rules),
+    followed by ``footnotes`` as LaTeX comments."""
 
     def cell(text: str) -> str:
         return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
@@ -388,40 +553,73 @@ def latex_table(rows: Sequence[Sequence[str]]) -> str:
     lines.append("\\midrule")
     lines += [" & ".join(cell(value) for value in row) + r" \\" for row in rows]
     lines += ["\\bottomrule", "\\end{tabular}"]
+    lines += [f"% [{number}] {text}" for number, text in footnotes]
     return "\n".join(lines) + "\n"
 
 
 # ----- the figure ---------------------------------------------------------------------------
 
 
+#: The four panels: metrics.jsonl key, title, y-axis label, scale.
+PANELS = (
+    ("train_loss", "training loss", "cross-entropy", "log"),
+    ("test_accuracy", "test accuracy", "accuracy (%)", "linear"),
+    ("grad_norm", "gradient norm, before clipping", "‖mean gradient‖", "log"),
+    ("lr", "learning rate", "learning rate", "linear"),
+)
+
+
+def figure_caption(groups: Sequence[Group]) -> str:
+    """What the curves show: the model and data of the runs (both named in the legend
+    instead when the rows differ in them)."""
+    combos = list(dict.fromkeys((model_title(g.config), data_title(g.config)) for g in groups))
+    datasets = list(dict.fromkeys(data_title(g.config, subset=False) for g in groups))
+    if len(combos) == 1:
+        return f"{combos[0][0]} on {combos[0][1]}"
+    if len(datasets) == 1:
+        return f"on {datasets[0]}; each row's model and data in the legend"
+    return (
+        f"runs on {len(datasets)} different datasets (each row's in the legend): their "
+        "accuracies are not comparable"
+    )
+
+
+def _legend_label(group: Group, name_model_and_data: bool) -> str:
+    label = group.label + (f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else "")
+    if name_model_and_data:
+        label += f": {model_title(group.config)} on {data_title(group.config)}"
+    return label
+
+
 def plot_curves(groups: Sequence[Group], path: str) -> None:
-    """Writes the 2 x 2 figure of training loss, test accuracy, gradient norm and lr."""
+    """Writes :func:`curves_figure` to the PNG ``path``."""
+    curves_figure(groups).savefig(path, dpi=FIGURE_DPI)
+
+
+def curves_figure(groups: Sequence[Group]) -> Figure:
+    """The 2 x 2 figure (matplotlib) of training loss, test accuracy (%), gradient norm and
+    learning rate against epoch, each axis labelled, titled with :func:`figure_caption`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     width, height = FIGURE_SIZE_PX
     figure = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 2)
-    panels = [
-        (axes[0, 0], "train_loss", "training loss", "log"),
-        (axes[0, 1], "test_accuracy", "test accuracy (%)", "linear"),
-        (axes[1, 0], "grad_norm", "gradient norm", "log"),
-        (axes[1, 1], "lr", "learning rate", "linear"),
-    ]
+    axes = figure.subplots(2, 2).ravel()
     colours = [f"C{i}" for i in range(10)]
+    combos = {(model_title(g.config), data_title(g.config)) for g in groups}
     for index, group in enumerate(groups):
         colour = colours[index % len(colours)]
-        label = group.label + (f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else "")
+        label = _legend_label(group, len(combos) > 1)
         for seed_index, run in enumerate(group.runs):
-            for axis, key, _, _ in panels:
+            for axis, (key, _, _, _) in zip(axes, PANELS, strict=True):
                 points = [(r["epoch"], r[key]) for r in run.metrics if key in r]
                 if not points:
                     continue
                 epochs, values = zip(*points, strict=True)
                 values = np.asarray(values, np.float64)
                 if key == "test_accuracy":
-                    values = 100 * values
+                    values = 100 * values  # metrics.jsonl keeps fractions
                 axis.plot(
                     epochs,
                     values,
@@ -432,20 +630,22 @@ def plot_curves(groups: Sequence[Group], path: str) -> None:
                     alpha=0.9,
                     label=label if seed_index == 0 else None,
                 )
-    for axis, _key, title, scale in panels:
-        axis.set_title(title)
-        axis.set_xlabel("epoch")
+    for axis, (_, title, ylabel, scale) in zip(axes, PANELS, strict=True):
+        axis.set_title(title, fontsize="medium")
+        axis.set_xlabel("epoch (= step in full batch)")
+        axis.set_ylabel(ylabel)
         if scale == "log" and _all_positive(axis):
             axis.set_yscale("log")
         axis.grid(True, alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    columns = min(3, max(1, len(labels)))
+    figure.suptitle(figure_caption(groups), fontsize="medium")
+    handles, labels = axes[0].get_legend_handles_labels()
+    columns = min(3 if len(combos) == 1 else 2, max(1, len(labels)))
     legend_rows = math.ceil(len(labels) / columns)
     bottom = 0.015 + 0.035 * legend_rows  # figure fraction kept for the legend
     if labels:
         figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small")
     figure.tight_layout(rect=(0, bottom if labels else 0, 1, 1))
-    figure.savefig(path, dpi=FIGURE_DPI)
+    return figure
 
 
 def _all_positive(axis) -> bool:
@@ -464,7 +664,8 @@ def default_out(run_dirs: Sequence[str]) -> str:
 
 
 def write_report(run_dirs: Sequence[str], out: str | None = None) -> dict[str, Any]:
-    """Reads the runs, writes ``curves.png`` and ``report.md`` to ``out``; returns what it made."""
+    """Reads the runs, writes ``curves.png``, ``report.md``, ``report.csv`` and ``report.tex``
+    to ``out``; returns what it made (``table``, ``warning``, ``notes``, ``rows``, the paths)."""
     if not run_dirs:
         raise RunDirError("no run directories given")
     runs = [load_run(path) for path in run_dirs]
@@ -473,26 +674,38 @@ def write_report(run_dirs: Sequence[str], out: str | None = None) -> dict[str, A
     os.makedirs(out, exist_ok=True)
     figure_path = os.path.join(out, FIGURE_FILE)
     plot_curves(groups, figure_path)
-    rows = table_rows(groups)
-    table = markdown_table(rows)
+    rows = [summarize(group) for group in groups]
+    cells = table_cells(rows)
+    footnotes = notes(rows)
+    table = markdown_table(cells)
+    warning = dataset_warning(rows)
     csv_path, latex_path = os.path.join(out, CSV_FILE), os.path.join(out, LATEX_FILE)
     write_csv(rows, csv_path)
     with open(latex_path, "w") as handle:
-        handle.write(latex_table(rows))
-    lines = [
-        "# Results",
-        "",
-        table,
-        "",
-        "Test accuracy: the final evaluation of each run; mean ± sample standard deviation "
-        "over seeds. Mini-batching: yes for stochastic (SGD) training, no for full batch. "
-        "Paper: the same row and model in the paper (mean ± standard deviation where it "
-        "gives one); Difference: ours minus the paper's; Comparable: whether the run trained "
-        "what the paper's row did, else what differs.",
+        handle.write(latex_table(cells, footnotes))
+    lines = ["# Results", ""]
+    if warning:
+        lines += [f"**{warning}**", ""]
+    lines += [table, ""]
+    if footnotes:
+        lines += [f"[{number}] {text}  " for number, text in footnotes]
+        lines.append("")
+    lines += [
+        "Test accuracy: the final evaluation of each run, in %; mean ± sample standard "
+        "deviation over seeds. Model: the registry name (with its width when it is not the "
+        "paper's); Data: the training set. Mini-batching: yes for stochastic (SGD) training, "
+        "no for full batch. Paper: the same row and model in the paper (mean ± standard "
+        "deviation where it gives one); Difference: ours minus the paper's, in percentage "
+        "points, for runs on the paper's data; Comparable: whether the run trained what the "
+        "paper's row did, else the first thing that differs (every one in the numbered notes).",
         "",
         f"Paper's numbers: {paper_results()['source']}.",
         "",
         f"![training curves]({FIGURE_FILE})",
+        "",
+        f"Figure: training loss (cross-entropy), test accuracy (%), the norm of the mean "
+        f"gradient before clipping and the learning rate against epoch, one colour per row "
+        f"(its seeds overlaid); {figure_caption(groups)}.",
         "",
         "Runs:",
         "",
@@ -501,12 +714,17 @@ def write_report(run_dirs: Sequence[str], out: str | None = None) -> dict[str, A
         dirs = ", ".join(
             f"`{os.path.relpath(run.path, out)}` (seed {run.config['seed']})" for run in group.runs
         )
-        lines.append(f"- {group.label}: {dirs}")
+        lines.append(
+            f"- {group.label} ({model_title(group.config)} on {data_title(group.config)}): {dirs}"
+        )
     report_path = os.path.join(out, REPORT_FILE)
     with open(report_path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     return {
         "table": table,
+        "warning": warning,
+        "notes": footnotes,
+        "rows": rows,
         "groups": groups,
         "figure": figure_path,
         "report": report_path,
@@ -532,7 +750,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunDirError as error:
         print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_INPUT
+    if result["warning"]:
+        print(result["warning"])
     print(result["table"])
+    for number, text in result["notes"]:
+        print(f"[{number}] {text}")
     print(f"wrote {result['report']}, {result['csv']}, {result['latex']} and {result['figure']}")
     return exitcodes.DONE
 
