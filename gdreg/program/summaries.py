@@ -189,8 +189,8 @@ class TensorBoardWriter:
             self._writer.close()
 
 
-def add_picture(workdir: str, tag: str, png_path: str, step: int) -> str:
-    """Adds the PNG ``png_path`` to the run's TensorBoard as image ``tag`` at ``step``.
+def add_picture(workdir: str, image_tag: str, png_path: str, step: int) -> str:
+    """Adds the PNG ``png_path`` to the run's TensorBoard as image ``image_tag`` at ``step``.
 
     Written to the run's picture run, ``workdir/pictures`` (:data:`gdreg.program.rundir.PICTURES_DIR`),
     which the metrics writer leaves alone on resume, as an event file of its own named after
@@ -202,9 +202,9 @@ def add_picture(workdir: str, tag: str, png_path: str, step: int) -> str:
 
     pixels = image.imread(png_path)[..., :3]  # RGBA floats in [0, 1]: drop alpha
     logdir = os.path.join(workdir, PICTURES_DIR)
-    suffix = "." + re.sub(r"[^\w.-]", "_", tag) + f".step{int(step)}"
+    suffix = "." + re.sub(r"[^\w.-]", "_", image_tag) + f".step{int(step)}"
     for path in glob.glob(os.path.join(glob.escape(logdir), EVENTS_PATTERN + glob.escape(suffix))):
         os.remove(path)
     with SummaryWriter(logdir=logdir, filename_suffix=suffix) as writer:
-        writer.add_image(tag, pixels, step, dataformats="HWC")
+        writer.add_image(image_tag, pixels, step, dataformats="HWC")
     return logdir

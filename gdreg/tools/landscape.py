@@ -234,7 +234,12 @@ def landscape_figure(result: dict[str, Any]) -> Figure:
 
     two_panels = result["directions"] == 2 and "test_loss" in result
     width, height = TWO_PANEL_SIZE_PX if two_panels else FIGURE_SIZE_PX
-    figure = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
+    figure = Figure(
+        figsize=(width / FIGURE_DPI, height / FIGURE_DPI),
+        dpi=FIGURE_DPI,
+        # contours keep their aspect ratio: the constrained layout fits them, titles and labels
+        layout="constrained" if result["directions"] == 2 else None,
+    )
     FigureCanvasAgg(figure)
     figure.suptitle(figure_title(result), fontsize="medium")
     alpha = np.asarray(result["alpha"])
@@ -277,7 +282,6 @@ def landscape_figure(result: dict[str, Any]) -> Figure:
         beta = np.asarray(result["beta"])
         for axis, (which, values) in zip(axes, panels, strict=True):
             _contours(figure, axis, alpha, beta, values, which)
-        figure.tight_layout()
     return figure
 
 
