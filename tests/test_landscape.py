@@ -186,3 +186,40 @@ def test_clear_errors(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing created on the way
     assert landscape.main(["--workdir", str(tmp_path), "--directions", "2", "--points", "1"]) == 2
     assert "--points must be at least 2" in capsys.readouterr().err
+
+
+def test_one_direction_titles_and_labels_name_what_is_drawn():
+    """The 1D picture, from a result made up here: the title says which loss is drawn,
+    the axes say their units (accuracy in %)."""
+    alpha = [-1.0, 0.0, 1.0]
+    result = {
+        "workdir": "/runs/mine",
+        "row": "",
+        "epoch": 7,
+        "model": "convnet2 (width 16)",
+        "data": "8x8 digits",
+        "directions": 1,
+        "points": 3,
+        "span": 1.0,
+        "seed": 0,
+        "alpha": alpha,
+        "loss": [2.0, 0.5, 2.5],
+        "accuracy": [0.5, 0.9, 0.4],
+    }
+    figure = landscape.landscape_figure(result)
+    assert figure.get_suptitle() == (
+        "mine, epoch 7: training loss along a filter-normalized direction\n"
+        "convnet2 (width 16) on 8x8 digits"
+    )
+    loss_axis, accuracy_axis = figure.get_axes()
+    assert loss_axis.get_ylabel() == "loss (cross-entropy)"
+    assert accuracy_axis.get_ylabel() == "accuracy (%)"
+    np.testing.assert_allclose(accuracy_axis.get_lines()[0].get_ydata(), [50, 90, 40])
+    assert landscape.picture_tag(result) == "landscape/1d_span1_points3_seed0"
+
+    tested = {**result, "test_loss": [2.2, 0.7, 2.6], "test_accuracy": [0.4, 0.8, 0.3]}
+    figure = landscape.landscape_figure(tested)
+    assert figure.get_suptitle().startswith("mine, epoch 7: training and test loss along")
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels == ["training loss", "test loss", "training accuracy", "test accuracy"]
+    assert landscape.picture_tag(tested) == "landscape/1d_span1_points3_seed0_test"

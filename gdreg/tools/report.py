@@ -351,17 +351,14 @@ class TableRow:
     paper_std: float | None
     comparable: bool | None  # None: not a row of the paper
     reasons: list[str]  # why not comparable
+    other_data: bool  # trained on other data than the paper's: not compared at all
 
     @property
     def difference(self) -> float | None:
         """Ours minus the paper's, in percentage points, for runs on the paper's data."""
-        if self.accuracy is None or self.paper is None or self._other_data:
+        if self.accuracy is None or self.paper is None or self.other_data:
             return None
         return self.accuracy - self.paper
-
-    @property
-    def _other_data(self) -> bool:
-        return bool(self.reasons) and self.reasons[0].endswith(" data")
 
 
 def summarize(group: Group) -> TableRow:
@@ -396,6 +393,7 @@ def summarize(group: Group) -> TableRow:
         paper_std=None if paper is None else paper[1],
         comparable=None if paper is None else not reasons,
         reasons=reasons,
+        other_data=config["data.name"] != paper_results()["dataset"],
     )
 
 
@@ -420,7 +418,7 @@ def display_cells(row: TableRow, note: int | None = None) -> list[str]:
         if row.difference is not None:
             difference = f"{row.difference:+.2f}"
         else:
-            difference = "n/a" if row.accuracy is None and not row._other_data else "-"
+            difference = "n/a" if row.accuracy is None and not row.other_data else "-"
         comparable = "yes" if row.comparable else f"no: {row.reasons[0]}"
         if len(row.reasons) > 1:
             comparable += f" (+{len(row.reasons) - 1}) [{note}]"
@@ -499,7 +497,7 @@ def dataset_warning(rows: Sequence[TableRow]) -> str | None:
 
 
 def markdown_table(rows: Sequence[Sequence[str]]) -> str:
-    """The header and ``rows`` (from :func:`table_rows`) as an aligned Markdown table."""
+    """The header and ``rows`` (from :func:`table_cells`) as an aligned Markdown table."""
     rows = [list(COLUMNS), *rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     numeric = NUMERIC_COLUMNS
