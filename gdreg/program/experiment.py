@@ -141,7 +141,10 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
             )
     except data.DatasetNotFoundError as error:
         raise data.DatasetNotFoundError(
-            f"{error} ({config_lib.as_flag('data.data_dir')})"
+            f"{error} ({config_lib.as_flag('data.data_dir')}). Without the data, "
+            f"{config_lib.as_flag('data.name')}=synthetic runs the same pipeline on synthetic "
+            "images, and launch/digits_demo.sh trains on real data that ships with "
+            "scikit-learn"
         ) from None
 
 
