@@ -308,9 +308,7 @@ def _log_images_used(run: Run, epoch: int) -> None:
     used = sum(layout.size for layout in run.epoch_layouts(epoch))
     views = ""
     if run.num_virtual_images != run.dataset.num_train:  # data.augmentation="fixed"
-        views = (
-            f" x {config.data.copies} augmented copies = {run.num_virtual_images} images"
-        )
+        views = f" x {config.data.copies} augmented copies = {run.num_virtual_images} images"
     logging.info(
         "%s training of %s on %s: %d training images%s, %d used per epoch; "
         "%d devices in %d processes",
