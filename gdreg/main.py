@@ -125,7 +125,7 @@ def _train(stop: preemption.StopRequest) -> int:
 
 def run() -> None:
     """Console entry point ``gdreg-train`` (the same as ``python -m gdreg.main``)."""
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
 
 
 if __name__ == "__main__":

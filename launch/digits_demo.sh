@@ -11,12 +11,21 @@
 # (default: the checkout's .venv/bin/python if there is one, else python).
 set -euo pipefail
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  # The comment block at the top of this file is its usage.
+  sed -n '2,/^[^#]/p' "$0" | sed '/^[^#]/d; /^#SBATCH/d; s/^# \{0,1\}//'
+  exit 0
+fi
+
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
-OUT=${1:-runs/digits}
-shift || true
+OUT=runs/digits
+if [[ $# -gt 0 && "$1" != -* ]]; then  # an OUT_DIR; arguments starting with - are FLAGs
+  OUT=$1
+  shift
+fi
 
 VARIANTS=(sgd fb fb_clip fb_clip_reg)
 began=$SECONDS

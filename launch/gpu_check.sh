@@ -27,7 +27,8 @@
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  # The comment block at the top of this file is its usage.
+  sed -n '2,/^[^#]/p' "$0" | sed '/^[^#]/d; /^#SBATCH/d; s/^# \{0,1\}//'
   exit 0
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

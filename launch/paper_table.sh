@@ -29,6 +29,12 @@
 #   PYTHON=...           interpreter (also passed on to the launch scripts).
 set -euo pipefail
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  # The comment block at the top of this file is its usage.
+  sed -n '2,/^[^#]/p' "$0" | sed '/^[^#]/d; /^#SBATCH/d; s/^# \{0,1\}//'
+  exit 0
+fi
+
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 local_run=0
 dry_run=0

@@ -130,7 +130,11 @@ def test_a_missing_tfds_dataset_names_the_flag(tmp_path):
     with pytest.raises(data.DatasetNotFoundError) as info:
         experiment.load_data(config)
     message = str(info.value)
-    assert message.endswith("pass that folder as data_dir (--config.data.data_dir)"), message
+    assert "pass that folder as data_dir (--config.data.data_dir). Without the data, " in message
+    assert message.endswith(
+        "--config.data.name=synthetic runs the same pipeline on synthetic images, and "
+        "launch/digits_demo.sh trains on real data that ships with scikit-learn"
+    ), message
     assert "\n" not in message
 
 

@@ -527,7 +527,40 @@ def test_normalize():
     out = data.normalize(jnp.asarray(images), mean, std)
     assert out.dtype == jnp.float32 and out.shape == images.shape
     expected = (images / 255.0 - np.array(mean)) / np.array(std)
-    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    # float32: the float64 value rounded once, so within half a float32 ulp of it.
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=2**-24, atol=0)
     half = data.normalize(jnp.asarray(images), mean, std, dtype=jnp.bfloat16)
     assert half.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(half, np.float32), expected, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(half, np.float32), expected, rtol=2**-8, atol=0)
+
+
+def test_float64_normalization_is_numpys_division_in_a_compiled_step(x64):
+    """(x / 255 - mean) / std as numpy computes it, also inside jit (where XLA would rewrite
+    the formula into multiplications by reciprocals and could fuse them into FMAs), and for
+    a single-channel mean broadcast over the channels."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    expected = (images.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)
+    compiled = jax.jit(lambda x: data.normalize(x, mean, std, jnp.float64))(images)
+    assert compiled.dtype == jnp.float64
+    # Same IEEE operations in the same order: equal up to the last bit; a tolerance of one
+    # ulp keeps the check about the arithmetic, not about a particular libm or CPU.
+    np.testing.assert_allclose(np.asarray(compiled), expected, rtol=2**-52, atol=0)
+    gray = data.normalize(images[..., :1], (0.5,), (0.25,), jnp.float64)
+    np.testing.assert_allclose(np.asarray(gray), (images[..., :1] / 255.0 - 0.5) / 0.25)
+    with pytest.raises(TypeError, match="uint8"):
+        data.normalize(images.astype(np.float32), mean, std)
+
+
+def test_inputs_come_in_the_models_precision():
+    """float64 inputs for float64 models under x64 only; float32 for everything else,
+    bfloat16 models included (they cast their float32 inputs on entry)."""
+    assert data.input_dtype("float32") == np.float32
+    assert data.input_dtype("bfloat16") == np.float32
+    assert data.input_dtype(jnp.float16) == np.float32
+    with jax.enable_x64(False):
+        assert data.input_dtype("float64") == np.float32
+    with jax.enable_x64(True):
+        assert data.input_dtype("float64") == np.float64
+        assert data.input_dtype("float32") == np.float32

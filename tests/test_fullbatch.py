@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 from gdreg import gradient_norm_penalty
 from gdreg.engine.fullbatch import FullBatchGradient, block_layout
 from gdreg.engine.mesh import data_mesh, fetch_replicated, replicate
+from gdreg.program import experiment
 
 HERE = os.path.dirname(__file__)
 PENALTY = gradient_norm_penalty(strength=0.5, learning_rate=0.1, eps=1e-2, method="forward")
@@ -276,3 +277,52 @@ def test_full_strength_hands_the_full_gradient_to_every_block(x64):
             layout,
             0,
         )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_gradient_reads_the_one_normalized_block(dtype):
+    """The first convolution's kernel gradient that the engine computes from the uint8 images
+    (a full-batch call, and ``single_block`` as the SGD step calls it) equals, bitwise, the
+    gradient of the loss at the block's normalized inputs computed beforehand and fed in as a
+    constant: the forward pass and the kernel gradient read one input.
+
+    (With the normalization computed as ``x * (1/255) - mean`` inside the step, XLA:CPU
+    recomputed it for the kernel gradient apart from the forward pass, and FMA contraction made
+    the two copies differ in the last bit: 115 of the 432 entries of a ResNet-18 stem's kernel
+    gradient differed.)
+    """
+    with jax.enable_x64(dtype == "float64"):
+        model = problems.register_tiny_batchnorm_model()
+        config = problems.tiny_run_config()
+        config.model.name = model
+        config.model.dtype = dtype
+        config.data.augmentation = "random"  # crops and flips too
+        mesh = data_mesh(jax.devices()[:1])
+        run = experiment.build(config, mesh=mesh)
+        host = experiment.initial_state(run)
+        as_dtype = lambda tree: jax.tree.map(lambda leaf: np.asarray(leaf, dtype), tree)  # noqa: E731
+        params, model_state = as_dtype(host.params), as_dtype(host.model_state)
+        engine = run.engine.replace(penalty=None)
+        indices, step = np.arange(16, dtype=np.int32), 3
+
+        inputs, labels = jax.jit(engine.batch_fn)(run.train_data, indices, step)
+        assert inputs.dtype == dtype
+        grad_at = jax.jit(jax.grad(engine.loss_fn, has_aux=True))
+        expected = grad_at(params, model_state, np.asarray(inputs), np.asarray(labels))[0]
+
+        full_batch = engine(
+            replicate(params, mesh),
+            replicate(model_state, mesh),
+            None,
+            run.train_data,
+            indices[None],
+            step,
+        )
+        single = jax.jit(engine.single_block)(
+            params, model_state, None, run.train_data, jnp.asarray(indices), step
+        )
+    want = np.asarray(expected["Conv_0"]["kernel"])  # the convolution that reads the inputs
+    assert want.dtype == dtype and np.abs(want).max() > 0
+    for result in (full_batch, single):
+        got = np.asarray(fetch_replicated(result.grads)["Conv_0"]["kernel"])
+        np.testing.assert_array_equal(got, want)

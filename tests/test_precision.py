@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from problems import tiny_run_config
@@ -111,3 +112,32 @@ def test_workdir_measures_at_the_latest_checkpoint(tmp_path):
     assert 0 < figures["relative_error_l2"] < 1e-4
     with pytest.raises(ValueError, match="either"):
         precision.measure(config, workdir=str(tmp_path))
+
+
+def test_the_float64_reference_is_float64_from_the_uint8_images(monkeypatch):
+    """The float64 evaluation normalizes the images in float64 (numpy's ``(x / 255 - mean) /
+    std``), the run's own float32 evaluation in float32: the batches each engine is built with,
+    traced as ``measure`` traces them."""
+    from gdreg.program import experiment
+
+    batches = []
+    make_engine = experiment.make_engine
+
+    def recording(config, model, train_batch, penalty, mesh):
+        engine = make_engine(config, model, train_batch, penalty, mesh)
+        data = {"images": run_data.train_images, "labels": run_data.train_labels}
+        inputs, _ = jax.jit(train_batch)(data, np.arange(8, dtype=np.int32), 0)
+        batches.append(np.asarray(inputs))
+        return engine
+
+    config = _tiny_config()
+    config.data.augmentation = "none"
+    run_data = experiment.build(config).dataset
+    monkeypatch.setattr(experiment, "make_engine", recording)
+    precision.measure(config)
+    low, high = batches[-2:]  # measure builds the run first, then the two evaluations
+    images = run_data.train_images[:8].astype(np.float64)
+    expected = (images / 255.0 - np.asarray(run_data.mean)) / np.asarray(run_data.std)
+    assert low.dtype == np.float32 and high.dtype == np.float64
+    np.testing.assert_allclose(high, expected, rtol=2**-52, atol=0)
+    np.testing.assert_allclose(low, expected, rtol=2**-24, atol=0)

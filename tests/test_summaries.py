@@ -230,9 +230,11 @@ def test_progress_in_a_log_file_is_plain_lines_with_the_figures():
     text = stream.getvalue()
     assert "\r" not in text and "\x1b" not in text
     lines = text.splitlines()
+    assert lines[0] == "step 10/40 compiling (the first one takes longer)"
+    lines = lines[1:]
     assert [line.split()[1] for line in lines] == ["20/40", "30/40", "40/40"]
     for line in lines:
-        assert "loss 0.5000 acc 75.0% |g| 0.125 lr 0.2500 1.50s/epoch test 87.50%" in line
+        assert "loss 0.5000 acc 75.0% lr 0.25 test 87.5%" in line
         assert " elapsed 0:00:00 left " in line
     assert lines[-1].endswith("left 0:00:00")
 
@@ -250,6 +252,20 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
     bar.close()
     text = stream.getvalue()
     assert "\r" in text and "4/4" in text and "loss 4" in text
+    assert "compiling (the first one takes longer)" in text
+
+
+def test_the_bar_and_its_figures_fit_80_columns():
+    stream = _Terminal()
+    bar = ProgressBar(3000, start=2990, stream=stream, unit="step")
+    record = {"train_loss": 2.30258, "train_accuracy": 0.123, "lr": 0.7993, "seconds": 1.5}
+    for done in range(2991, 3001):
+        bar.update(done, progress_text(record, test_accuracy=0.9567))
+    bar.close()
+    shown = [part.rstrip() for part in stream.getvalue().replace("\n", "\r").split("\r")]
+    assert shown[-2].startswith("3000/3000 steps [")
+    assert shown[-2].endswith(", loss 2.3026 acc 12.3% lr 0.7993 test 95.7%]")
+    assert max(len(part) for part in shown) <= 80
 
 
 def test_quiet_when_disabled():

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
         augment,
         augmentation_params,
         crop_and_flip,
+        input_dtype,
+        normalization_table,
         normalize,
         virtual_size,
     )
@@ -32,7 +34,9 @@ __all__ = [
     "augment",
     "augmentation_params",
     "crop_and_flip",
+    "input_dtype",
     "load_dataset",
+    "normalization_table",
     "normalize",
     "virtual_size",
 ]

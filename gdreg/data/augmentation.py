@@ -22,21 +22,64 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
 
 from gdreg.data import AUGMENTATIONS
 
 
+def normalization_table(
+    mean: Sequence[float], std: Sequence[float], channels: int | None = None
+) -> np.ndarray:
+    """float64 ``[256, C]``: entry ``[v, c] = (v / 255 - mean[c]) / std[c]``.
+
+    Computed on the host by numpy, one correctly rounded IEEE division, subtraction and
+    division per entry (no reciprocals, no fused multiply-adds), so every x86-64 CPU, and
+    every other machine with IEEE float64, gets the same bits. ``mean`` and ``std`` broadcast
+    to ``channels`` (default: their length).
+    """
+    mean = np.asarray(mean, np.float64)
+    std = np.asarray(std, np.float64)
+    channels = max(mean.size, std.size) if channels is None else int(channels)
+    mean, std = np.broadcast_to(mean, (channels,)), np.broadcast_to(std, (channels,))
+    values = np.arange(256, dtype=np.float64)[:, None]
+    # Three separate numpy operations: numpy never contracts them into an FMA.
+    return (values / 255.0 - mean) / std
+
+
+def input_dtype(model_dtype: DTypeLike) -> np.dtype:
+    """The dtype of a model's normalized inputs: float64 for a float64 model with
+    ``jax_enable_x64`` on (checked when called, i.e. when a batch function is traced), else
+    float32. bfloat16 and float16 models keep float32 inputs (they cast them on entry, as
+    their parameters are float32 too)."""
+    if jnp.dtype(model_dtype) == jnp.float64:
+        return jax.dtypes.canonicalize_dtype(jnp.float64)  # float32 with x64 off
+    return np.dtype(np.float32)
+
+
 def normalize(
-    images: jax.Array, mean: Sequence[float], std: Sequence[float], dtype=jnp.float32
+    images: jax.Array, mean: Sequence[float], std: Sequence[float], dtype: DTypeLike = jnp.float32
 ) -> jax.Array:
     """uint8 images ``[..., C]`` -> ``(x / 255 - mean) / std`` in ``dtype``.
 
-    Computed in float32, then cast to ``dtype``.
+    Each entry is the float64 value of :func:`normalization_table` rounded once to ``dtype``
+    (on the host), looked up by pixel value. No arithmetic on the images runs on the device,
+    so the result is the same bits on every CPU and accelerator and wherever XLA places (or
+    duplicates) the lookup inside a program. Written as the formula, XLA would compute
+    ``x * (1/255) - mean`` times ``1/std`` (its algebraic simplifier turns a division by a
+    constant into a multiplication) and may contract the multiply-add into an FMA, which
+    depends on the code it generates for the CPU at hand; see :func:`input_dtype` for the
+    dtype a model's batches use.
     """
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    return ((x - mean) / std).astype(dtype)
+    images = jnp.asarray(images)
+    if images.dtype != jnp.uint8:
+        raise TypeError(f"normalize expects uint8 images, got {images.dtype}")
+    channels = images.shape[-1]
+    table = normalization_table(mean, std, channels)
+    table = table.astype(jax.dtypes.canonicalize_dtype(dtype)).reshape(-1)  # one rounding
+    # Entry (v, c) of the table sits at v * C + c of the flat table.
+    flat_index = images.astype(jnp.int32) * channels + jnp.arange(channels, dtype=jnp.int32)
+    return jnp.take(jnp.asarray(table), flat_index, mode="clip")
 
 
 def _check_augmentation(augmentation: str, copies: int) -> None:

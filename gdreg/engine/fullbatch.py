@@ -190,8 +190,11 @@ class FullBatchGradient:
 
     ``loss_fn`` and ``batch_fn`` are pure functions (see :mod:`gdreg.engine.signatures`); ``data``
     is a pytree held replicated on every device (e.g. the uint8 training set), which ``batch_fn``
-    turns into one block's inputs. ``penalty`` is an optax transformation applied to every
-    block gradient as ``penalty.update(g_B, penalty_state, params, penalty_grad_fn=grad of L_B)``
+    turns into one block's inputs: every pass over a block reads one input (behind an
+    ``optimization_barrier``; on XLA:CPU, which drops barriers before fusing, ``batch_fn`` must
+    give the same bits wherever it is recomputed, as gdreg's table lookup does). ``penalty`` is
+    an optax transformation applied to every block gradient as
+    ``penalty.update(g_B, penalty_state, params, penalty_grad_fn=grad of L_B)``
     (built without ``check``: under the "reference" BatchNorm rule every evaluation of
     ``penalty_grad_fn`` outside forward-mode autodiff counts as a forward pass at perturbed
     weights, so ``check``'s extra evaluation, or the forward-difference base that the penalty
@@ -326,6 +329,16 @@ class FullBatchGradient:
         full_grads, data, step, number of real blocks), the same for every block."""
         params, model_state, penalty_state, full_grads, data, step, num_blocks = shared
         inputs, labels = self.batch_fn(data, indices, step)
+        # One input per block: every pass of the block (the penalty's included) and every
+        # gradient must read the same values. XLA fuses a cheap elementwise producer into
+        # each of its consumers, so the copy the stem convolution's kernel gradient reads is
+        # recomputed apart from the forward pass's; had it arithmetic (FMA contraction), the
+        # two would differ in the last bits and the gradient would be the gradient at no
+        # single input. GPU and TPU compilers keep the barrier through fusion and materialize
+        # the block once; XLA:CPU drops it before fusion (seen in its HLO passes), so there
+        # it is the batch function that must compute the same bits wherever XLA recomputes
+        # it: gdreg's do (a table lookup and uint8 moves, gdreg.data.normalize).
+        inputs = jax.lax.optimization_barrier(inputs)
 
         def loss_and_statistics(p):
             loss, (statistics, _) = self.loss_fn(p, model_state, inputs, labels)

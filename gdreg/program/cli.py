@@ -1,18 +1,31 @@
-"""The command-line programs' flag parsing: one ``error:`` line, exit 2.
+"""The command-line programs' flag parsing: ``--help``, and one ``error:`` line, exit 2.
 
 absl parses the flags (and ml_collections loads the ``--config`` file and applies its
 ``--config.FIELD=VALUE`` overrides) before the program's ``main`` runs; any mistake there, an
-unknown or misspelt field, a value of the wrong type, an unknown variant, a missing file, is
-reported here as one line instead of absl's usage text or a traceback.
+unknown or misspelt field or group, a value of the wrong type, an unknown variant, a missing
+file, is reported here as one line instead of absl's usage text or a traceback. ``--help``
+(``-h``) prints the program's own description and flags and exits 0 (absl's own prints only a
+usage line for console scripts, and exits 1).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import textwrap
+from collections.abc import Callable
 
 from absl import flags
 
 from gdreg.program import exitcodes
+from gdreg.program.config import base_config
+
+#: How ``--help`` explains the overrides of a ``--config`` file.
+CONFIG_OVERRIDES = (
+    "Any config field is set as --config.GROUP.FIELD=VALUE (e.g. --config.optim.lr=0.4);\n"
+    "docs/options.md lists every field with its default."
+)
 
 
 def _message(error: BaseException, argv: list[str]) -> str:
@@ -29,6 +42,10 @@ def _message(error: BaseException, argv: list[str]) -> str:
         if flag is not None:  # else raised inside the config file: reported as it is
             hint = f" ({lines[1][0].lower()}{lines[1][1:]})" if len(lines) > 1 else ""
             return f"{flag}: no such config field{hint}"
+        group = next((arg for arg in given if name in arg.split(".")[1:-1]), None)
+        if group is not None:  # a group that does not exist: --config.optimizer.lr
+            groups = _config_groups()
+            return f"{group}: no config group {name!r}; the groups are {', '.join(groups)}"
     if "Traceback (most recent call last)" in text:
         # an exception inside the config file's get_config: keep its last line, the message
         last = lines[-1]
@@ -38,8 +55,78 @@ def _message(error: BaseException, argv: list[str]) -> str:
     return " ".join(" ".join(lines).split())
 
 
+def _config_groups() -> list[str]:
+    """The groups of config fields (``data``, ``model``, ``optim``, ...)."""
+    config = base_config()
+    return sorted(key for key, value in config.items() if hasattr(value, "keys"))
+
+
+def _config_path_problem(argv: list[str]) -> str | None:
+    """The ``--config FILE[:ARG]`` that names no file, in one line (None when it is there)."""
+    for index, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and index + 1 < len(argv):
+            value = argv[index + 1]
+        else:
+            continue
+        path = value.split(":", 1)[0]
+        if path and not os.path.isfile(path):
+            return (
+                f"--config: no such file {os.path.abspath(path)}; a config path is relative to "
+                f"the current directory ({os.getcwd()})"
+            )
+    return None
+
+
+def _help(description: str, argv: list[str]) -> str:
+    """The program's description and its own flags (those of gdreg's modules)."""
+    by_module = flags.FLAGS.flags_by_module_dict()
+    # absl files a flag under its module's name, or under the script's path for ``python -m``.
+    own = [
+        module
+        for module in by_module
+        if module.split(".")[0] == "gdreg" or module in ("__main__", argv[0] if argv else "")
+    ]
+    # The docstring's reStructuredText markup, as plain text.
+    plain = re.sub(r":\w+:`([^`]*)`", r"\1", description.strip()).replace("``", "")
+    sections = [plain, "", "Flags:"]
+    for module in own:
+        for flag in sorted(by_module[module], key=lambda flag: flag.name):
+            default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+            sections.append(
+                textwrap.fill(
+                    f"--{flag.name}: {flag.help}{default}",
+                    width=80,
+                    initial_indent="  ",
+                    subsequent_indent="      ",
+                )
+            )
+    if any(flag.name == "config" for module in own for flag in by_module[module]):
+        sections += ["", CONFIG_OVERRIDES]
+    return "\n".join(sections)
+
+
+def flags_parser(description: str) -> Callable[[list[str]], list[str]]:
+    """``absl.app.run``'s ``flags_parser`` for a program described by ``description`` (its
+    module docstring): ``--help`` prints it with the program's flags and exits 0; any mistake
+    exits 2 with one ``error:`` line."""
+
+    def parse(argv: list[str]) -> list[str]:
+        if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+            print(_help(description, argv))
+            sys.exit(exitcodes.DONE)
+        return parse_flags(argv)
+
+    return parse
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """``absl.app.run``'s ``flags_parser``: parses ``argv`` or exits 2 with one ``error:`` line."""
+    problem = _config_path_problem(argv)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(exitcodes.BAD_INPUT)
     try:
         remaining = flags.FLAGS(argv)
         if "config" in flags.FLAGS and flags.FLAGS.config is not None:  # optional: precision

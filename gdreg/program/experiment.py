@@ -141,7 +141,10 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
             )
     except data.DatasetNotFoundError as error:
         raise data.DatasetNotFoundError(
-            f"{error} ({config_lib.as_flag('data.data_dir')})"
+            f"{error} ({config_lib.as_flag('data.data_dir')}). Without the data, "
+            f"{config_lib.as_flag('data.name')}=synthetic runs the same pipeline on synthetic "
+            "images, and launch/digits_demo.sh trains on real data that ships with "
+            "scikit-learn"
         ) from None
 
 
@@ -245,11 +248,20 @@ def make_batch_fns(
     """``(train_batch, test_batch)``: images of the device-resident sets, normalized.
 
     ``train_batch`` augments per ``config.data`` (a function of seed, step and image only);
-    ``test_batch`` takes the test images as they are.
+    ``test_batch`` takes the test images as they are. Both normalize ``(x / 255 - mean) / std``
+    in the model's precision (:func:`gdreg.data.input_dtype`: float64 for a float64 model
+    traced with ``jax_enable_x64`` on, float32 otherwise, bfloat16 models included), the same
+    bits on every machine (:func:`gdreg.data.normalize`).
     """
     augment_key = jax.random.key(config.seed + 1)
     mean, std = dataset.mean, dataset.std
     fields = config.data
+    model_dtype = config.model.dtype
+
+    def normalized(images):
+        # The dtype is chosen when the batch function is traced, so that a run built outside
+        # jax.enable_x64 and evaluated inside it (gdreg.tools.precision) gets float64 inputs.
+        return data.normalize(images, mean, std, data.input_dtype(model_dtype))
 
     def train_batch(images_and_labels, indices, step):
         images, labels = data.augment(
@@ -263,12 +275,12 @@ def make_batch_fns(
             padding=fields.padding,
             flip=fields.flip,
         )
-        return data.normalize(images, mean, std), labels
+        return normalized(images), labels
 
     def test_batch(images_and_labels, indices, step):
         del step
         images = images_and_labels["images"][indices]
-        return data.normalize(images, mean, std), images_and_labels["labels"][indices]
+        return normalized(images), images_and_labels["labels"][indices]
 
     return train_batch, test_batch
 
@@ -474,7 +486,9 @@ def build(
 
 def initial_state(run: Run) -> TrainState:
     """Parameters, model state, optimizer and penalty state at epoch 0 (host arrays)."""
-    sample = data.normalize(run.dataset.train_images[:1], run.dataset.mean, run.dataset.std)
+    dataset = run.dataset
+    dtype = data.input_dtype(run.config.model.dtype)  # as the batch functions feed the model
+    sample = data.normalize(dataset.train_images[:1], dataset.mean, dataset.std, dtype)
     variables = jax.jit(lambda key: run.model.init(key, sample, train=False))(
         jax.random.key(run.config.seed)
     )

@@ -165,15 +165,14 @@ def run_epoch(run: Run, state: TrainState, step: TrainStep) -> tuple[TrainState,
 
 
 def progress_text(record: dict[str, Any], test_accuracy: float | None = None) -> str:
-    """The figures of an epoch for the console: loss, accuracy, |g|, lr, s/epoch, test
-    accuracy (accuracies in percent, as everywhere they are shown; ``record`` and
-    ``test_accuracy`` hold fractions, as ``metrics.jsonl``)."""
+    """The figures of an epoch for the console, short enough for an 80-column bar: training
+    loss and accuracy, the learning rate, the latest test accuracy (accuracies in percent)."""
     text = (
         f"loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:.1f}% "
-        f"|g| {record['grad_norm']:.3f} lr {record['lr']:.4f} {record['seconds']:.2f}s/epoch"
+        f"lr {record['lr']:.4g}"
     )
     if test_accuracy is not None:
-        text += f" test {100 * test_accuracy:.2f}%"
+        text += f" test {100 * test_accuracy:.1f}%"
     return text
 
 
@@ -307,14 +306,17 @@ def _log_images_used(run: Run, epoch: int) -> None:
     """Says how many training images a step uses, and how many it leaves out and why."""
     config = run.config
     used = sum(layout.size for layout in run.epoch_layouts(epoch))
+    views = ""
+    if run.num_virtual_images != run.dataset.num_train:  # data.augmentation="fixed"
+        views = f" x {config.data.copies} augmented copies = {run.num_virtual_images} images"
     logging.info(
-        "%s training of %s on %s: %d training images (%d virtual), %d used per epoch; "
+        "%s training of %s on %s: %d training images%s, %d used per epoch; "
         "%d devices in %d processes",
         run.plan.mode_of(epoch),
         config.model.name,
         run.dataset.name,
         run.dataset.num_train,
-        run.num_virtual_images,
+        views,
         used,
         run.mesh.devices.size,
         jax.process_count(),
@@ -375,7 +377,9 @@ def _train(
     if start_epoch < epochs and stop.any_process():
         raise Preempted(f"stopped during start-up, before epoch {start_epoch + 1}; rerun to resume")
     _log_images_used(run, start_epoch)
-    progress = ProgressBar(epochs, start=start_epoch, enabled=config.log.progress)
+    # A full-batch epoch is one step; SGD epochs are many steps, so the bar counts epochs there.
+    unit = "step" if run.plan.mode == "fullbatch" and not run.plan.switch_after else "epoch"
+    progress = ProgressBar(epochs, start=start_epoch, enabled=config.log.progress, unit=unit)
     cleanup.callback(progress.close)
     # The latest test accuracy stays on the console between evaluations.
     test_accuracy = next(

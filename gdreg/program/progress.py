@@ -9,14 +9,21 @@ from typing import TextIO
 import jax
 from tqdm import tqdm
 
+#: The terminal width the bar is laid out for: counters, times and the figures fit in it.
+COLUMNS = 80
+#: What the bar says until the first unit is done: that unit compiles the programs.
+COMPILING = "compiling (the first one takes longer)"
+
 
 class ProgressBar:
     """Progress of a loop of ``total`` units, on stderr, from process 0 only.
 
-    On a terminal: a tqdm bar (counter, rate, elapsed and remaining time) with ``text`` after
-    it. Elsewhere (a log file, SLURM's output) no control characters: a plain line
-    ``step done/total TEXT elapsed H:MM:SS left H:MM:SS`` every ``total // lines`` updates and
-    at the end.
+    On a terminal: one line of at most :data:`COLUMNS` characters, ``done/total UNITs
+    [elapsed<remaining, TEXT]``. Elsewhere (a log file, SLURM's
+    output) no control characters: a plain line ``UNIT done/total TEXT elapsed H:MM:SS left
+    H:MM:SS`` every ``total // lines`` updates and at the end. Until the first update it says
+    that the first unit compiles (:data:`COMPILING`), which is where a fresh run spends its
+    first minute.
     """
 
     def __init__(
@@ -31,14 +38,26 @@ class ProgressBar:
     ) -> None:
         self.total, self.start, self.unit = total, start, unit
         self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled and jax.process_index() == 0
+        self.enabled = enabled and jax.process_index() == 0 and start < total
         self.every = max(1, (total - start) // lines)
         self.began = time.perf_counter()
         self._bar = None
-        if self.enabled and self.stream.isatty():
+        if not self.enabled:
+            return
+        if self.stream.isatty():
             self._bar = tqdm(
-                total=total, initial=start, unit=unit, file=self.stream, dynamic_ncols=True
+                total=total,
+                initial=start,
+                unit=unit,
+                file=self.stream,
+                ncols=COLUMNS,
+                # tqdm puts ", " before the postfix: the figures close the bracket.
+                bar_format="{n_fmt}/{total_fmt} {unit}s [{elapsed}<{remaining}{postfix}]",
             )
+            self._bar.set_postfix_str(COMPILING)
+        else:
+            self.stream.write(f"{unit} {start}/{total} {COMPILING}\n")
+            self.stream.flush()
 
     def update(self, done: int, text: str) -> None:
         """Shows ``done`` of ``total`` finished, with ``text`` (the latest figures)."""

@@ -480,7 +480,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point (``python -m gdreg.tools.gpu_check``)."""
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ FILE[:ARG]``.
 Computes the full-batch gradient of a run, the mean penalized block gradient that one
 training step hands to the optimizer (before clipping), twice over the same blocks and
 augmentation draws: once as the run computes it (``model.dtype``, float32 parameters, on the
-default devices) and once in float64 (``jax.enable_x64``, float64 parameters and compute, on
-the CPU devices), and prints how far the first is from the second::
+default devices) and once in float64 (``jax.enable_x64``, float64 parameters, inputs and
+compute, on the CPU devices: float64 from the uint8 images on), and prints how far the first is
+from the second::
 
     python -m gdreg.tools.precision --config configs/resnet18_fb.py:strong --config.model.width=16 \
         --config.data.name=synthetic
@@ -101,7 +102,9 @@ def full_gradient(
     ``state`` (host arrays) over ``layout`` with the augmentation of ``epoch``, the model
     computing in ``dtype`` on ``devices``; float64 needs ``jax.enable_x64``.
 
-    Parameters are float32 (float64 for ``dtype`` float64), so that the gradient is too.
+    Parameters are float32 (float64 for ``dtype`` float64), so that the gradient is too; the
+    batch functions normalize the images in the same precision (:func:`gdreg.data.input_dtype`,
+    chosen when the engine traces them, here under ``jax.enable_x64`` for float64).
     """
     config = run.config.copy_and_resolve_references()
     config.model.dtype = dtype
@@ -253,7 +256,7 @@ def main(argv: list[str]) -> int:
 def run() -> None:
     """Console entry point ``gdreg-precision``."""
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
 
 
 if __name__ == "__main__":
