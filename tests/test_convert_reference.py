@@ -360,6 +360,7 @@ def test_cli_another_architecture_is_one_error_line_and_nothing_is_written(tmp_p
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no run, no partial folder
 
 
+@pytest.mark.slow
 @needs_torch
 def test_converted_run_trains_on_and_the_tools_take_it(tmp_path, capsys):
     """The command writes a run that gdreg.main continues (with the analysis metrics), and

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from gdreg.models.resnet import Bottleneck, ResNet
+from gdreg.models.resnet import CIFAR_RESNET_CONFIGS, RESNET_CONFIGS, Bottleneck, ResNet
 
 #: BatchNorm buffers that gdreg keeps, by their gdreg names.
 _BUFFERS = {"mean": "running_mean", "var": "running_var"}
@@ -179,12 +179,10 @@ def import_state_dict(
     _check_architecture(state_dict, model, expected)
     unknown = [key for key in state_dict if key not in expected and not is_ignored(key)]
     if unknown:
-        raise StateDictError(
-            unknown[0], f"unknown key ({_count(unknown)}), not a tensor of gdreg's model"
-        )
+        raise StateDictError(unknown[0], "unknown key, no tensor of the model" + _more(unknown))
     missing = [key for key in expected if key not in state_dict]
     if missing:
-        raise StateDictError(missing[0], f"missing ({_count(missing)})")
+        raise StateDictError(missing[0], "missing" + _more(missing))
     flat = {}
     for key in state_dict:  # in the file's order: the first tensor that does not fit is named
         if is_ignored(key):
@@ -228,8 +226,8 @@ def _float32(key: str, value: np.ndarray) -> np.ndarray:
     return to_gdreg_layout(value.astype(np.float32))
 
 
-def _count(keys: list[str]) -> str:
-    return "1 such key" if len(keys) == 1 else f"{len(keys)} such keys, the first named"
+def _more(keys: list[str]) -> str:
+    return "" if len(keys) == 1 else f" (and {len(keys) - 1} more keys like it)"
 
 
 def _width_hint(state_dict: Mapping[str, np.ndarray]) -> str:
@@ -268,8 +266,6 @@ def _check_architecture(
 
 def _known_depth(found: Mapping[str, Any]) -> str | None:
     """The name of the registered ResNet with ``found``'s blocks, if there is one."""
-    from gdreg.models.resnet import CIFAR_RESNET_CONFIGS, RESNET_CONFIGS
-
     for depth, (block_cls, stages) in RESNET_CONFIGS.items():
         kind = "bottleneck" if block_cls is Bottleneck else "basic"
         if (kind, tuple(stages)) == (found["block"], found["stages"]):

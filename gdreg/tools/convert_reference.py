@@ -252,8 +252,9 @@ def default_config(path: str, model: str | None, row: str | None) -> ml_collecti
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """The config is one gdreg can run, trains in full batches (the published runs do; the
-    step counts of other modes depend on the data set's size) and has a ResNet."""
+    """The config is one gdreg can run and trains in full batches, as the published runs did
+    (the step count of another mode at an epoch depends on the data set's size, which the
+    converter does not load)."""
     experiment.validate(config)
     if config.train.mode != FULLBATCH or config.train.switch_mode_after:
         raise ConfigError(
@@ -611,7 +612,10 @@ def _run(argv: list[str]) -> int:
     if FLAGS.workdir is None:
         print("error: --workdir is required (the run directory to write)", file=sys.stderr)
         return exitcodes.BAD_INPUT
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's lines per checkpoint
+    # Orbax's lines per checkpoint (through absl) and JAX's backend probing: the output is
+    # the summary, warnings and errors.
+    for name in ("absl", "jax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         check_workdir(FLAGS.workdir)
         reference = read_reference_file(path)
