@@ -200,30 +200,26 @@ def save_published(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, path: str, step: int = 3000
 ) -> None:
     """Writes ``model`` as the reference's training loop checkpoints it: ``[optimizer state,
-    model state, scheduler state, scaler state, step]``. The scheduler state has the form of
-    their ``GradualWarmupScheduler.state_dict()`` (its own fields, the cosine schedule's as a
-    dict) with the values of the paper's schedule at ``step``."""
+    model state, scheduler state, scaler state, step]``. The scheduler state is what their
+    ``GradualWarmupScheduler`` (400 warmup steps) around ``CosineAnnealingLR(4000)`` holds after
+    ``step`` steps at lr 0.8 (printed by their scheduler under torch 2.13: the warmup's own
+    ``last_epoch`` stops at 401, the cosine's counts on from there)."""
     base = 0.8
-    cosine = 0.5 * base * (1 + math.cos(math.pi * (step - 400) / 4000))
+    cosine = 0.5 * base * (1 + math.cos(math.pi * (step - 401) / 4000))
+    common = {"base_lrs": [base], "_get_lr_called_within_step": False, "_last_lr": [cosine]}
     scheduler = {
         "multiplier": 1.0,
         "total_epoch": 400,
         "finished": True,
-        "base_lrs": [base],
-        "last_epoch": step,
-        "_step_count": step + 1,
-        "verbose": False,
-        "_get_lr_called_within_step": False,
-        "_last_lr": [cosine],
+        "last_epoch": 401,
+        "_step_count": 402,
+        **common,
         "after_scheduler": {
             "T_max": 4000,
             "eta_min": 0.0,
-            "base_lrs": [base],
-            "last_epoch": step - 400,
-            "_step_count": step - 399,
-            "verbose": False,
-            "_get_lr_called_within_step": False,
-            "_last_lr": [cosine],
+            "last_epoch": step - 401,
+            "_step_count": step - 400,
+            **common,
         },
     }
     optimizer_state = None if optimizer is None else optimizer.state_dict()
