@@ -251,6 +251,21 @@ def test_the_test_model_has_the_authors_keys_shapes_and_order():
         ]
 
 
+@needs_torch
+@pytest.mark.parametrize("authors", [False, pytest.param(True, marks=needs_authors)])
+@pytest.mark.parametrize(("depth", "width"), [(18, 64), (152, 4)])
+def test_parameter_order_is_the_models(depth, width, authors):
+    """The order that numbers a torch optimizer's state follows from gdreg's model alone."""
+    _, reference_torch = torch_modules()
+    build = reference_torch.authors_resnet if authors else reference_torch.TorchResNet
+    names = [name for name, _ in build(depth, width).named_parameters()]
+    model = experiment.make_model(config_for(depth, width), 10)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)), train=False)
+    )
+    assert reference_names.parameter_order(reference_names.expected_keys(shapes)) == names
+
+
 # ----- what does not fit ---------------------------------------------------------------------
 
 
@@ -316,6 +331,31 @@ def test_file_settings_that_differ_from_the_row_are_warned_of(tmp_path):
 
     trace = tree_utils.tree_get(zero.state.opt_state, "trace")
     assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(trace))
+
+
+@needs_torch
+def test_a_bare_state_dict_converts_without_momentum(tmp_path):
+    torch, _ = torch_modules()
+    model, _, path = make_file(tmp_path, 18, 4)
+    torch.save(model.state_dict(), path)
+    reference = convert_reference.read_reference_file(path)
+    assert (reference.layout, reference.step, reference.optimizer_state) == (
+        "state_dict",
+        None,
+        None,
+    )
+    conversion = convert_reference.convert(reference, config_for(18, 4))
+    assert int(conversion.state.epoch) == convert_reference.DEFAULT_EPOCH == 3000
+    assert conversion.warnings == [f"{path} holds no optimizer state: the momentum starts at zero"]
+
+
+@needs_torch
+def test_a_file_that_would_run_code_is_refused(tmp_path):
+    torch, _ = torch_modules()
+    path = str(tmp_path / "pickled.pth")
+    torch.save([None, {"fc.weight": torch.zeros(2, 2)}, None, None, np.int64(3000)], path)
+    with pytest.raises(convert_reference.ConversionError, match="weights_only=True"):
+        convert_reference.read_reference_file(path)
 
 
 # ----- the command line, and the run it writes ----------------------------------------------------

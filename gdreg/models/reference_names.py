@@ -33,9 +33,8 @@ it has no counterpart and is dropped. Nothing else of the reference's ResNet hol
 ReLUs and pools have none, and ``zero_init_residual`` only sets the last BatchNorm scale of each
 branch at construction (no parameter or buffer of its own).
 
-Module order is registration order, so the parameters of ``model.parameters()`` (the order of
-a PyTorch optimizer's state) are the ``state_dict`` keys that are not buffers, in the
-``state_dict``'s order (:func:`parameter_keys`).
+A PyTorch optimizer numbers its state by position in ``model.parameters()``, the order in
+which the reference's modules register their parameters (:func:`parameter_order`).
 """
 
 from __future__ import annotations
@@ -126,10 +125,42 @@ def is_ignored(key: str) -> bool:
     return key.rsplit(".", 1)[-1] == IGNORED_BUFFER
 
 
-def parameter_keys(state_dict: Mapping[str, Any], expected: Mapping[str, tuple]) -> list[str]:
-    """The keys of ``state_dict`` that are trainable parameters, in the ``state_dict``'s order
-    (= ``model.parameters()`` order, the index order of a PyTorch optimizer's state)."""
-    return [key for key in state_dict if key in expected and expected[key][0][0] == "params"]
+#: Parameters within a block in the order the reference registers its modules (conv1, bn1,
+#: nonlin, conv2, bn2, [conv3, bn3,] downsample); the shortcut's convolution, then its BatchNorm.
+_BLOCK_ORDER = (
+    "conv1.weight",
+    "bn1.weight",
+    "bn1.bias",
+    "conv2.weight",
+    "bn2.weight",
+    "bn2.bias",
+    "conv3.weight",
+    "bn3.weight",
+    "bn3.bias",
+)
+
+
+def _registration_rank(key: str) -> tuple:
+    parts = key.split(".")
+    if parts[0] == "stem":  # stem.0 (conv), stem.1 (BatchNorm): weight before bias
+        return (0, int(parts[1]), parts[2] == "bias")
+    if parts[0] == "layers":
+        rest = ".".join(parts[3:])
+        if rest in _BLOCK_ORDER:
+            rank = (_BLOCK_ORDER.index(rest),)
+        else:  # downsample.<index>.<weight|bias>
+            rank = (len(_BLOCK_ORDER), int(parts[4]), parts[5] == "bias")
+        return (1, int(parts[1]), int(parts[2]), *rank)
+    return (2, parts[-1] == "bias")  # fc
+
+
+def parameter_order(expected: Mapping[str, tuple]) -> list[str]:
+    """The reference keys of the trainable parameters in the order of the reference model's
+    ``model.parameters()`` (module registration order: stem, blocks stage by stage, fc), which
+    numbers a PyTorch optimizer's state. It follows from the model, not from the order of a
+    file's ``state_dict``."""
+    keys = [key for key, (path, _) in expected.items() if path[0] == "params"]
+    return sorted(keys, key=_registration_rank)
 
 
 def architecture(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ What the checkpoint holds besides the weights:
 * the **momentum buffers** of the file's optimizer state (torch's SGD with dampening 0 keeps
   ``buf = m * buf + g``, the trace of gdreg's optax chain; ``--momentum=zero`` starts them at
   zero). The reference's optimizer indexes its state by position in ``model.parameters()``;
-  :func:`gdreg.models.reference_names.parameter_keys` gives that order;
+  :func:`gdreg.models.reference_names.parameter_order` gives that order;
 * the **step counts** of the optimizer and the penalty: the epoch, so the learning rate of the
   next epoch is the schedule's at that epoch (the file's scheduler state is not needed: gdreg's
   schedule is a function of the step; the file's next learning rate is compared with it);
@@ -398,7 +398,7 @@ def convert(
     except reference_names.StateDictError as error:
         raise ConversionError(f"{where}: {error}") from None
     expected = reference_names.expected_keys(shapes, model.shortcut)
-    keys = reference_names.parameter_keys(reference.model_state, expected)
+    keys = reference_names.parameter_order(expected)
     params = variables["params"]
     model_state = {"batch_stats": variables["batch_stats"]}
 
@@ -415,7 +415,10 @@ def convert(
 
     file_settings: dict[str, Any] = {}
     momentum_note = "zero (--momentum=zero)"
-    has_trace = optax.tree_utils.tree_get(opt_state, "trace") is not None
+    try:
+        has_trace = optax.tree_utils.tree_get(opt_state, "trace") is not None
+    except KeyError:  # more than one trace: which one would hold torch's buffer is unclear
+        has_trace = False
     if momentum == "file" and reference.optimizer_state is None:
         momentum_note = "zero (the file holds no optimizer state)"
         warnings.append(f"{reference.path} holds no optimizer state: the momentum starts at zero")
