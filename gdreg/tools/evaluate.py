@@ -3,7 +3,7 @@
 
     python -m gdreg.tools.evaluate --workdir runs/highreg [--json]
 
-    epoch 3000: test loss 0.1712, test accuracy 95.62% on 10,000 images (cifar10; paper, FB strong reg.: 95.67 ± 0.08)
+    epoch 3000: test loss ..., test accuracy ...% on 10,000 images (cifar10; paper, FB strong reg.: 95.67 ± 0.08)
 
 The run is rebuilt from its ``config.json`` and its newest intact checkpoint read without
 moving anything (:mod:`gdreg.program.saved_run`); the test set is evaluated as training
@@ -12,8 +12,9 @@ statistics, every test image once, ``eval.flip_average`` as configured), and the
 average too where the run keeps one (``eval.ema``). Where the run is one of the paper's rows
 (``row`` and ``model.name``; a converted reference checkpoint is, see
 :mod:`gdreg.tools.convert_reference`), the paper's accuracy for it is printed beside (from
-``gdreg/tools/paper_results.json``); it is comparable when the data set is the whole CIFAR-10
-test set. With ``--json`` one JSON object is printed instead.
+``gdreg/tools/paper_results.json``), with what keeps the run from being comparable, as the
+report says it (another data set or learning rate, fewer epochs, ...). With ``--json`` one JSON
+object is printed instead.
 
 Exit status 2 with one ``error:`` line for a run directory, config or data set that cannot be
 used.
@@ -32,7 +33,7 @@ from gdreg.program import distributed, exitcodes, rundir
 from gdreg.program.config import ROW_TITLES, ConfigError, flatten
 from gdreg.program.rundir import RunDirError
 from gdreg.program.saved_run import load_checkpoint, load_run
-from gdreg.tools.report import paper_accuracy
+from gdreg.tools.report import not_comparable, paper_accuracy
 
 
 def evaluate_workdir(workdir: str) -> dict[str, Any]:
@@ -58,9 +59,13 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
             average["params"], average["model_state"], run.test_data, run.dataset.num_test
         )
         result.update(test_loss_ema=metrics["loss"], test_accuracy_ema=metrics["accuracy"])
-    paper = paper_accuracy(flatten(config)) if config.row else None
+    flat = flatten(config)
+    paper = paper_accuracy(flat) if config.row else None
     if paper is not None:
         result.update(paper_accuracy=paper[0], paper_std=paper[1])
+        # What keeps the run from being the paper's (another lr, data set, width, ...): the
+        # report's test, with the epochs of the checkpoint.
+        result["not_comparable"] = not_comparable(flat, result["epoch"])
     return result
 
 
@@ -75,6 +80,8 @@ def summary_line(result: dict[str, Any]) -> str:
         title = ROW_TITLES.get(result["row"], result["row"])
         std = "" if result["paper_std"] is None else f" ± {result['paper_std']:.2f}"
         text += f"; paper, {title}: {result['paper_accuracy']:.2f}{std}"
+        if result["not_comparable"]:
+            text += f", not comparable: {'; '.join(result['not_comparable'])}"
     text += ")"
     if "test_accuracy_ema" in result:
         text += (
