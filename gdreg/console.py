@@ -53,3 +53,6 @@ report = _program("gdreg.tools.report", "gdreg-report")
 landscape = _program("gdreg.tools.landscape", "gdreg-landscape")
 bench = _program("gdreg.tools.bench", "gdreg-bench")
 precision = _program("gdreg.tools.precision", "gdreg-precision")
+evaluate = _program("gdreg.tools.evaluate", "gdreg-evaluate")
+# It also needs PyTorch (the "torch" extra) to read the file, and says so itself in one line.
+convert_reference = _program("gdreg.tools.convert_reference", "gdreg-convert-reference")

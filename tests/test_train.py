@@ -472,6 +472,8 @@ def test_second_table_configs_share_the_resnet18_rows(model):
         ("gdreg-landscape", ["--workdir=no-such-run"]),
         ("gdreg-bench", ["--config=configs/resnet18_fb.py:quick", "--images=many"]),
         ("gdreg-precision", ["--workdir=no-such-run"]),
+        ("gdreg-evaluate", ["--workdir=no-such-run"]),
+        ("gdreg-convert-reference", ["no-such-file.pth", "--workdir=w"]),
     ],
 )
 def test_console_entry_points_are_the_modules(tmp_path, script, args):

@@ -167,6 +167,23 @@ def load_dataset(
     )
 
 
+def declared_shape(
+    name: str,
+    *,
+    synthetic_shape: tuple[int, int, int] = (32, 32, 3),
+    synthetic_num_classes: int = 10,
+) -> tuple[int | None, int | None]:
+    """``(classes, image channels)`` of dataset ``name`` as :func:`load_dataset` will give
+    them, known without loading it; None where only the data tell (``npz``)."""
+    if name in _TFDS_DATASETS:
+        return _TFDS_DATASETS[name][0], 3
+    if name == "synthetic":
+        return int(synthetic_num_classes), int(synthetic_shape[-1])
+    if name == "digits":
+        return 10, 1
+    return None, None
+
+
 def _subset(
     images: np.ndarray, labels: np.ndarray, size: int, *, seed: int, field: str
 ) -> tuple[np.ndarray, np.ndarray]:

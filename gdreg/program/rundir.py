@@ -8,6 +8,8 @@
     WORKDIR/events.out.tfevents.*   the same metrics as TensorBoard events (gdreg.program.summaries)
     WORKDIR/pictures/         TensorBoard pictures (the loss landscape), a run of their own
     WORKDIR/checkpoints/N/    orbax checkpoints (gdreg.program.checkpoint)
+    WORKDIR/converted_from.json   a run imported from a reference checkpoint: what was read
+                              (gdreg.tools.convert_reference)
 
 The only module that knows these names and formats; :mod:`gdreg.program.loop` writes through it,
 :mod:`gdreg.tools.report` and :mod:`gdreg.tools.landscape` read through it. It imports no JAX, so
@@ -46,6 +48,7 @@ OLD_TENSORBOARD_DIR = "tensorboard"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 LOCK_FILE = ".lock"
 LOOP_SHAPE_FILE = "loop_shape.json"
+CONVERSION_FILE = "converted_from.json"
 #: The fields of loop_shape.json that fix the engine's loop (the rest is for the reader).
 LOOP_SHAPE_FIELDS = {"blocks_per_microbatch": int, "microbatch_loop": str, "block_loop": str}
 
@@ -128,6 +131,11 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     config.train.batchnorm_statistics = "mean"
     _merge(config, values)
     return config
+
+
+def write_conversion_record(workdir: str, record: Mapping[str, Any]) -> None:
+    """Writes ``record`` (JSON values) to ``workdir/converted_from.json``, atomically."""
+    _replace(os.path.join(workdir, CONVERSION_FILE), json.dumps(dict(record), indent=1) + "\n")
 
 
 # ----- loop_shape.json ----------------------------------------------------------------------
