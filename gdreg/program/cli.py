@@ -4,6 +4,10 @@ absl parses the flags (and ml_collections loads the ``--config`` file and applie
 ``--config.FIELD=VALUE`` overrides) before the program's ``main`` runs; any mistake there, an
 unknown or misspelt field, a value of the wrong type, an unknown variant, a missing file, is
 reported here as one line instead of absl's usage text or a traceback.
+
+A field given twice takes the last value, tuples too (ml_collections appends repeated tuple
+overrides: ``--config.optim.milestones=(30,60) --config.optim.milestones=(50,)`` would give
+``(30, 60, 50)``; see :func:`_last_tuple_override_wins`).
 """
 
 from __future__ import annotations
@@ -38,8 +42,31 @@ def _message(error: BaseException, argv: list[str]) -> str:
     return " ".join(" ".join(lines).split())
 
 
+def _last_tuple_override_wins() -> None:
+    """Makes a repeated ``--config.FIELD=(...)`` replace the earlier value of a tuple field.
+
+    ml_collections overrides tuple fields through absl's multi-value flag, whose every
+    occurrence extends the list of the ones before; every other field takes the last value, as
+    a command line built up from defaults plus a user's additions expects.
+    """
+    from ml_collections.config_flags import config_flags
+
+    flag_class = getattr(config_flags, "_ConfigFieldMultiFlag", None)
+    if flag_class is None or getattr(flag_class.parse, "last_wins", False):
+        return
+    original = flag_class.parse
+
+    def parse(self, arguments):
+        self.present = 0  # absl's MultiFlag.parse extends the value while present is set
+        original(self, arguments)
+
+    parse.last_wins = True
+    flag_class.parse = parse
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """``absl.app.run``'s ``flags_parser``: parses ``argv`` or exits 2 with one ``error:`` line."""
+    _last_tuple_override_wins()
     try:
         remaining = flags.FLAGS(argv)
         if "config" in flags.FLAGS and flags.FLAGS.config is not None:  # optional: precision
