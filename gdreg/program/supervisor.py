@@ -9,9 +9,10 @@ from a crash.
 
 So ``gdreg.main``, when started as one of several processes, runs the training in a child
 process of its own and watches it (:func:`supervise`); this parent imports neither JAX nor
-absl. It passes the child's stdout through untouched and its stderr line by line; the runtime's
-fatal report (its ``E``/``F`` log lines and the stack after them) is held back, and if the
-child then dies, the parent prints one line naming the lost process and exits with
+absl. It passes the child's stdout through untouched and its stderr line by line; error lines
+(``E``/``F`` in glog's format: the runtime's fatal report, the stack after it, errors it causes
+in other threads) are held back for up to ten seconds, and if the child dies of the runtime's
+verdict meanwhile, the parent prints one line naming the lost process instead and exits with
 :data:`gdreg.program.exitcodes.LOST_PROCESS`, on which ``launch/slurm.sbatch`` requeues. The
 last checkpoint is intact; the rerun resumes from it.
 
@@ -55,12 +56,12 @@ DEFAULT_HEARTBEAT_TIMEOUT = 60
 #: after all (the runtime logged an error and the process lived on).
 HOLD_SECONDS = 10.0
 
-# The start of the runtime's fatal report: an E or F line of glog from the coordination
-# service, its agent or the distributed client (jax/jaxlib's C++ sources).
-_RUNTIME_ERROR = re.compile(
-    rb"^[EF]\d{4} [\d:.]+\s+\d+ (coordination_service(_agent)?\.cc|client\.(h|cc)|"
-    rb"distributed\w*\.cc|service\.cc):\d+\]"
-)
+# An error line in glog's format (JAX's C++ runtime, and absl's Python logging, which orbax's
+# threads log through): ``E1204 14:37:47.574945   26142 file.cc:1549] ...``. When a peer is
+# lost, the runtime's report and the errors it causes elsewhere (a checkpoint barrier, with its
+# Python traceback) start so; each such burst is held back until the child ends or
+# HOLD_SECONDS pass.
+_ERROR_LINE = re.compile(rb"^[EF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]")
 _FATAL = (
     "Terminating process because the JAX distributed service detected fatal errors",
     "Polled an error from coordination service",
@@ -198,7 +199,7 @@ class _Relay:
             os.write(2, data)
 
     def _line(self, line: bytes) -> None:
-        if self.held is None and _RUNTIME_ERROR.match(line):
+        if self.held is None and _ERROR_LINE.match(line):
             self.held, self.held_since = [], time.monotonic()
         if self.held is not None:
             self.held.append(line)
