@@ -51,6 +51,7 @@ flags.DEFINE_integer(
     supervisor.DEFAULT_HEARTBEAT_TIMEOUT,
     "Seconds without a heartbeat after which a process of a multi-process run counts as lost; "
     "the others then exit with code 76.",
+    lower_bound=1,
 )
 flags.DEFINE_bool(
     "allow_config_change",

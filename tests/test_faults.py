@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -512,3 +513,28 @@ def test_sigterm_right_after_start_exits_75_and_writes_nothing(tmp_path):
     assert process.returncode == 75, stderr[-3000:]
     assert "preempted: stopped during start-up, before anything was written" in stderr
     assert not workdir.exists()
+
+
+def test_a_repeated_signal_stops_at_once_only_after_a_second():
+    """One SIGTERM delivered twice (SLURM: to the step and through srun) and a request forwarded
+    by the supervising parent are one request; a signal more than a second after the first
+    stops at once."""
+    script = """
+import os, signal, sys, time
+from gdreg.program import preemption
+stop = preemption.StopRequest().install()
+stop.request("forwarded by the parent")
+time.sleep(1.2)
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)
+print("still running", stop.requested, flush=True)
+time.sleep(1.2)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("not stopped")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout == "still running True\n", result.stderr[-3000:]
+    assert result.returncode == -signal.SIGTERM

@@ -14,7 +14,9 @@ ignored.
 
 A second signal more than :data:`REPEAT_SECONDS` after the first stops at once (Ctrl-C twice);
 one sooner is taken as the same request, since a SLURM preemption can deliver one SIGTERM
-twice (to the job step, and again through ``srun`` from the batch script's trap).
+twice (to the job step, and again through ``srun`` from the batch script's trap). A request
+forwarded by a supervising parent (:meth:`StopRequest.request`) never counts as the first
+signal.
 
 This module imports only the standard library at load time: it runs before everything else.
 """
@@ -40,7 +42,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.reason = ""
-        self._first_at = 0.0
+        self._signalled_at: float | None = None  # when the first signal was handled
         self._previous: dict[int, object] = {}
         self._terminal_fds: list[int] = []
 
@@ -64,21 +66,26 @@ class StopRequest:
         del frame
         if signum == signal.SIGHUP:
             self.leave_terminal()
-        if self.requested:
-            if time.monotonic() - self._first_at < REPEAT_SECONDS:
+        now = time.monotonic()
+        if self._signalled_at is not None:
+            # Measured between handler runs: a handler runs when the main thread is back in
+            # Python, so two signals during one long compiled step count as one.
+            if now - self._signalled_at < REPEAT_SECONDS:
                 return  # one request delivered twice (see the module docstring)
             # a second signal: the user means it (Ctrl-C twice)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        self._signalled_at = now
         self.request(f"received signal {signal.Signals(signum).name}")
 
     def request(self, reason: str) -> None:
         """Asks the run to stop after the current epoch (what a stop signal does; also called
-        for a request forwarded by the supervising process, :mod:`gdreg.program.supervisor`)."""
+        for a request forwarded by the supervising process, :mod:`gdreg.program.supervisor`,
+        which never stops at once: only a second signal to this process does)."""
         if self.requested:
             return
-        self.requested, self.reason, self._first_at = True, reason, time.monotonic()
+        self.requested, self.reason = True, reason
         logging.warning(
             "%s: stopping at the end of this epoch with a checkpoint (a second signal: stop at "
             "once)",
