@@ -246,13 +246,15 @@ def supervise(argv: Sequence[str], stop: StopRequest, launch: Launch) -> int:
     (see the module docstring). ``stop``: this process's stop request, installed at start; a
     signal it already caught is passed on to the child."""
     read_end, write_end = os.pipe()
+    pipe = [write_end]  # emptied once closed: a late signal must not write to a reused fd
 
     def forward(signum, frame) -> None:
         del frame
         if signum == signal.SIGHUP:
             stop.leave_terminal()
         with contextlib.suppress(OSError):  # the child is gone
-            os.write(write_end, bytes([signum]))
+            for fd in pipe:
+                os.write(fd, bytes([signum]))
 
     for signum in stop.installed():
         signal.signal(signum, forward)
@@ -271,6 +273,7 @@ def supervise(argv: Sequence[str], stop: StopRequest, launch: Launch) -> int:
     relay = _Relay(child.stderr.fileno())
     relay.pump(child)
     code = child.wait()
+    pipe.clear()
     os.close(write_end)
     if code >= 0:
         relay.release()
