@@ -8,8 +8,8 @@ prints a C++ stack trace, exits by SIGABRT and leaves the SLURM script a status 
 from a crash.
 
 So ``gdreg.main``, when started as one of several processes, runs the training in a child
-process of its own and watches it (:func:`supervise`); this parent imports neither JAX nor
-absl. It passes the child's stdout through untouched and its stderr line by line; error lines
+process of its own and watches it (:func:`supervise`); this parent never imports JAX and
+never parses the flags (the child does, and reports their errors). It passes the child's stdout through untouched and its stderr line by line; error lines
 (``E``/``F`` in glog's format: the runtime's fatal report, the stack after it, errors it causes
 in other threads) are held back for up to ten seconds, and if the child dies of the runtime's
 verdict meanwhile, the parent prints one line naming the lost process instead and exits with
@@ -121,7 +121,7 @@ def multi_process_launch(
 
     Read from the flags (``--coordinator_address``, ``--num_processes``, ``--process_id``, any
     of them) or SLURM's variables, as :func:`gdreg.program.distributed.initialize` reads them;
-    without JAX or absl (the supervising parent runs before either is imported).
+    from ``argv`` itself, before absl parses it (the parent never does) and without JAX.
     """
     environ = os.environ if environ is None else environ
     names = ("coordinator_address", "num_processes", "process_id")
