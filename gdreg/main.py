@@ -4,23 +4,36 @@ Fields are overridden as ``--config.optim.lr=0.4``. When started as one of sever
 (SLURM, or ``--coordinator_address`` with ``--num_processes``/``--process_id``), the JAX
 distributed runtime is initialized first; see ``launch/``.
 
+One of several processes runs the training in a child process and watches it
+(:mod:`gdreg.program.supervisor`), so that a lost peer ends the run in one line.
+
 Exit codes (:mod:`gdreg.program.exitcodes`): 0 done; 2 a flag, config, dataset or run-directory
 error (one ``error:`` line; also: the processes got different configs, incomplete multi-process
 flags, the workdir is in use by another run, a resume with a changed config needs
 ``--allow_config_change``, no checkpoint can be read); 3 training diverged; 4 not all
-processes joined within ``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT at any
-moment: a checkpoint was saved if a step had finished; rerun with the same ``--workdir``).
+processes joined within ``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT/SIGHUP at any
+moment: a checkpoint was saved if a step had finished; rerun with the same ``--workdir``); 76
+another process of a multi-process run was lost (killed, crashed, stopped, or silent for
+``--heartbeat_timeout`` seconds; one ``error:`` line names it; rerun every process to resume
+from the last checkpoint); 128 + N killed by signal N.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
+# First of all, before the imports below (absl, ml_collections, numpy: a few hundred
+# milliseconds): from now on SIGTERM/SIGINT/SIGHUP are remembered, and the run stops cleanly
+# (exit 75) at the next point where it can, also during start-up and compilation.
+from gdreg.program import preemption
 
-from absl import app, flags
-from ml_collections import config_flags
+STOP = preemption.StopRequest().install()
 
-from gdreg.program import cli, exitcodes, preemption
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from gdreg.program import cli, exitcodes, supervisor  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -32,6 +45,13 @@ flags.DEFINE_integer(
     "initialization_timeout",
     300,
     "Seconds to wait for all processes to join; a process still waiting then exits with code 4.",
+)
+flags.DEFINE_integer(
+    "heartbeat_timeout",
+    supervisor.DEFAULT_HEARTBEAT_TIMEOUT,
+    "Seconds without a heartbeat after which a process of a multi-process run counts as lost; "
+    "the others then exit with code 76.",
+    lower_bound=1,
 )
 flags.DEFINE_bool(
     "allow_config_change",
@@ -46,9 +66,15 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return exitcodes.BAD_INPUT
-    # First of all: from now on SIGTERM/SIGINT are remembered, and the run stops cleanly
-    # (exit 75) at the next point where it can, also during start-up and compilation.
-    with preemption.StopRequest() as stop:
+    with STOP as stop:  # installed when this module loaded; restored when done
+        if stop.requested and supervisor.multi_process_launch(sys.argv) is None:
+            # A single process stops before it loads anything (several decide together, after
+            # joining: one alone would leave the others waiting).
+            print(
+                "preempted: stopped during start-up, before anything was written; rerun to resume",
+                file=sys.stderr,
+            )
+            return exitcodes.PREEMPTED
         return _start(stop)
 
 
@@ -74,13 +100,17 @@ def _start(stop: preemption.StopRequest) -> int:
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
             timeout_seconds=FLAGS.initialization_timeout,
+            heartbeat_timeout=FLAGS.heartbeat_timeout,
         )
         distributed.check_same_config(FLAGS.config, FLAGS.workdir)
+        code = _train(stop)
     except distributed.StartupError as error:
         print(f"error: {error}", file=sys.stderr)
         code = exitcodes.BAD_INPUT
-    else:
-        code = _train(stop)
+    except Exception as error:
+        if distributed.lost_contact(error):  # a peer is gone: the runtime names it
+            distributed.await_runtime_verdict(error, FLAGS.heartbeat_timeout)
+        raise
     # Every process gets here with the same code (the errors above are raised on every
     # process alike), so leaving the runtime together does not wait on a missing process.
     distributed.shutdown()
@@ -125,6 +155,10 @@ def _train(stop: preemption.StopRequest) -> int:
 
 def run() -> None:
     """Console entry point ``gdreg-train`` (the same as ``python -m gdreg.main``)."""
+    if not supervisor.attach(STOP):
+        launch = supervisor.multi_process_launch(sys.argv)
+        if launch is not None:  # one of several processes: train in a watched child
+            sys.exit(supervisor.supervise(sys.argv, STOP, launch))
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
 
 

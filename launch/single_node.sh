@@ -17,7 +17,7 @@
 #   XLA_PYTHON_CLIENT_MEM_FRACTION, XLA_FLAGS, ...  passed through to JAX as usual.
 #
 # Exit status is gdreg.main's: 0 done, 2 config/dataset error, 3 diverged, 75 stopped by
-# SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
+# SIGTERM/SIGINT/SIGHUP after saving a checkpoint (rerun to resume).
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then

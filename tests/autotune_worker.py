@@ -41,12 +41,13 @@ arguments = loop_shape.EngineArguments(None, None, None, None, 0)
 budget = 1e9 if process_id == 0 else 0.0
 trials = loop_shape.time_loop_shapes(engine, arguments, layout, shapes, budget_seconds=budget)
 choice = loop_shape.fastest(trials, default)
-stored = autotune._broadcast_shape(LoopShape(4, "scan", "vmap") if process_id == 0 else None)
+read = autotune.Stored(LoopShape(4, "scan", "vmap"), 8, 2) if process_id == 0 else None
+stored = autotune._broadcast_stored(read)
 with open(out, "w") as handle:
     json.dump(
         {
             "choice": list(choice),
-            "stored": list(stored),
+            "stored": [list(stored.shape), stored.devices, stored.processes],
             "table": [trial.describe() for trial in trials],
         },
         handle,

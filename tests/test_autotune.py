@@ -344,6 +344,6 @@ def test_every_process_takes_process_zeros_decisions(tmp_path):
     results = [json.loads(out.read_text()) for out in outs]
     for result in results:
         assert result["choice"] == [2, "python", "vmap"]  # process 0's fastest
-        assert result["stored"] == [4, "scan", "vmap"]  # what process 0 read
+        assert result["stored"] == [[4, "scan", "vmap"], 8, 2]  # what process 0 read
         assert len(result["table"]) == 4 and not any("budget" in line for line in result["table"])
     assert "skipped=out_of_memory" in results[1]["table"][3]  # process 1's own failure

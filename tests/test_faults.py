@@ -8,11 +8,13 @@ changed on disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -366,3 +368,173 @@ def test_the_console_says_how_many_images_are_left_out(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 of 100 training images (4.0%) are left out of every epoch" in result.stderr
     assert "whole block of 32 (always the same images: the last ones)" in result.stderr
+
+
+# ----- workdir names, overrides, loop shapes, device counts (issue 29) -------------------------
+
+
+def _resume_from_4(whole, workdir) -> Path:
+    """``whole`` copied to ``workdir`` without its last checkpoint: a rerun trains epochs 5-6."""
+    shutil.copytree(whole, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    return workdir
+
+
+def test_a_workdir_with_brackets_resumes(whole, tmp_path):
+    """Orbax globbed inside ``runs/lr[0.1]`` with the brackets as a pattern: its checkpoints were
+    written but never read back. Now checkpoint 6 is written there and read back."""
+    workdir = _resume_from_4(whole, tmp_path / "lr[0.1]")
+    result = finish(workdir)
+    assert "resuming from the checkpoint of epoch 4" in result.stderr, result.stderr[-3000:]
+    assert metrics(workdir) == metrics(whole)
+    again = finish(workdir)
+    assert "resuming from the checkpoint of epoch 6" in again.stderr, again.stderr[-3000:]
+    assert "cannot be read" not in again.stderr
+    assert metrics(workdir) == metrics(whole)
+
+
+def test_a_workdir_with_a_backslash_is_refused_before_anything_is_written(tmp_path):
+    # tensorstore reads a backslash as a directory separator: the files would land in a/b/.
+    workdir = tmp_path / "a\\b"
+    _assert_refused(run_main(main_command(workdir, *ARGS)), "contains a backslash")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_tuple_overrides_take_the_last_and_blocks_per_microbatch_is_cut_to_the_blocks(
+    whole, tmp_path
+):
+    """Two command-line slips in one run: a tuple field given twice keeps the last value (it
+    used to concatenate), and 1000 blocks per microbatch for 4 blocks on 8 devices is cut to the
+    one block each device has (it used to compile for minutes). The run is the whole run."""
+    workdir = tmp_path / "run"
+    result = finish(
+        workdir,
+        "--config.optim.milestones=(30,60)",
+        "--config.optim.milestones=(5,)",  # unused by the quick config's cosine schedule
+        "--config.train.blocks_per_microbatch=1000",
+    )
+    assert rundir.read_config(str(workdir)).optim.milestones == (5,)
+    assert (
+        "train.blocks_per_microbatch=1000 is more than the 1 block each device has per epoch; "
+        "using 1" in result.stderr
+    ), result.stderr[-3000:]
+    assert rundir.read_loop_shape(str(workdir))["blocks_per_microbatch"] == 1
+    assert metrics(workdir) == metrics(whole)
+
+
+def test_a_stored_loop_shape_beyond_the_blocks_is_cut(whole, tmp_path):
+    workdir = _resume_from_4(whole, tmp_path / "run")
+    path = Path(rundir.loop_shape_path(str(workdir)))
+    path.write_text(
+        path.read_text().replace('"blocks_per_microbatch": 1', '"blocks_per_microbatch": 1000')
+    )
+    result = finish(workdir)
+    assert "blocks_per_microbatch=1000 is more than the 1 block each device" in result.stderr
+    assert rundir.read_loop_shape(str(workdir))["blocks_per_microbatch"] == 1
+    assert metrics(workdir) == metrics(whole)
+
+
+def test_resuming_on_another_device_count_says_the_sums_change_order(whole, tmp_path):
+    workdir = _resume_from_4(whole, tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the whole run had 8
+    result = run_main(main_command(workdir, *ARGS, "--config.train.cpu_devices=4"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "change order" in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "resuming on 4 devices in 1 process after training on 8 in 1 process" in lines[0]
+    assert rundir.read_loop_shape(str(workdir))["devices"] == 4
+    got, want = metrics(workdir), metrics(whole)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for mine, theirs in zip(got, want, strict=True):
+        for key, value in theirs.items():
+            np.testing.assert_allclose(mine[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+# ----- signals: a closed terminal, a SIGTERM at once ---------------------------------------------
+
+
+def test_sighup_from_a_closed_terminal_checkpoints_and_exits_75(whole, tmp_path):
+    """The run's terminal closes (SIGHUP, then every write to it fails): the epoch finishes, a
+    checkpoint is saved, exit 75; the rerun ends like the whole run."""
+    import pty
+    import threading
+
+    workdir = tmp_path / "run"
+    master, terminal = pty.openpty()
+    process = subprocess.Popen(
+        main_command(workdir, *ARGS), cwd=REPO, stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+
+    def drain():  # a terminal shows what it gets; until it is closed
+        with contextlib.suppress(OSError):
+            while os.read(master, 65536):
+                pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: lines_written(workdir) >= 1, process, "first epoch")
+        process.send_signal(signal.SIGHUP)
+        os.close(master)  # the terminal is gone: writes to it fail from now on
+        process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 75
+    assert 1 <= lines_written(workdir) < EPOCHS
+    finish(workdir)
+    assert metrics(workdir) == metrics(whole)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` now (Linux: SigCgt in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_sigterm_right_after_start_exits_75_and_writes_nothing(tmp_path):
+    """The handler is the first thing gdreg.main installs, before absl, numpy and JAX load; a
+    SIGTERM from then on (here: the moment it is in place) ends the run with 75, not -15."""
+    workdir = tmp_path / "run"
+    process = start(workdir)
+    deadline = time.monotonic() + 60
+    while not _catches(process.pid, signal.SIGTERM):
+        assert process.poll() is None and time.monotonic() < deadline, "no SIGTERM handler"
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    assert "preempted: stopped during start-up, before anything was written" in stderr
+    assert not workdir.exists()
+
+
+def test_a_repeated_signal_stops_at_once_only_after_a_second():
+    """One SIGTERM delivered twice (SLURM: to the step and through srun) and a request forwarded
+    by the supervising parent are one request; a signal more than a second after the first
+    stops at once."""
+    script = """
+import os, signal, sys, time
+from gdreg.program import preemption
+stop = preemption.StopRequest().install()
+stop.request("forwarded by the parent")
+time.sleep(1.2)
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)
+print("still running", stop.requested, flush=True)
+time.sleep(1.2)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("not stopped")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout == "still running True\n", result.stderr[-3000:]
+    assert result.returncode == -signal.SIGTERM

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import two_processes
 
-from gdreg.program import distributed, exitcodes
+from gdreg.program import distributed, exitcodes, supervisor
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -329,7 +329,7 @@ def test_slurm_job_is_preempted_requeued_and_resumes(processes, tmp_path):
     assert codes == {"job": 75}, logs
     calls = (tmp_path / "slurm_calls.log").read_text().splitlines()
     assert calls == [
-        f"--nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=2 {sys.executable} "
+        f"--nodes=2 --ntasks=2 --ntasks-per-node=1 --wait=120 --cpus-per-task=2 {sys.executable} "
         f"-m gdreg.main {' '.join(script[2:])}",
         "scontrol requeue 4242",
     ]
@@ -354,21 +354,41 @@ def test_slurm_job_is_preempted_requeued_and_resumes(processes, tmp_path):
 
 
 def test_slurm_script_requeues_after_checkpoint_stop(tmp_path):
-    """Exit 75 (checkpointed on SIGTERM) requeues the job, up to MAX_RESTARTS."""
+    """Exit 75 (checkpointed on SIGTERM), 76 (a lost process) and 128 + N (a task killed by a
+    signal) requeue the job, up to MAX_RESTARTS; other failures do not."""
     env = _fake_slurm(tmp_path, nodes=2, FAKE_SRUN_EXIT="75", PROCESS_PER="gpu", GPUS_PER_NODE="2")
     script = ["bash", str(LAUNCH / "slurm.sbatch"), "--workdir", "x"]
+    log = tmp_path / "slurm_calls.log"
     result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 75, result.stderr
-    calls = (tmp_path / "slurm_calls.log").read_text().splitlines()
-    assert calls[0].startswith("--nodes=2 --ntasks=4 --ntasks-per-node=2 --cpus-per-task=1 ")
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith(
+        "--nodes=2 --ntasks=4 --ntasks-per-node=2 --wait=120 --cpus-per-task=1 "
+    )
     assert calls[1] == "scontrol requeue 4242"
+    for code, requeued in (("76", True), ("137", True), ("3", False)):
+        log.unlink()
+        env["FAKE_SRUN_EXIT"] = code
+        result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == int(code), result.stderr
+        assert ("scontrol requeue 4242" in log.read_text().splitlines()) == requeued, code
+    assert (
+        "a process was lost"
+        in subprocess.run(
+            script, env={**env, "FAKE_SRUN_EXIT": "76"}, capture_output=True, text=True, timeout=60
+        ).stdout
+    )
+    log.unlink()
+    env["FAKE_SRUN_EXIT"] = "75"
     env["SLURM_RESTART_COUNT"] = env["MAX_RESTARTS"] = "3"
     result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 75 and "resubmit" in result.stdout
-    assert len((tmp_path / "slurm_calls.log").read_text().splitlines()) == 3  # no requeue
-    env["PROCESS_PER"] = "socket"
-    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "PROCESS_PER" in result.stderr
+    assert len(log.read_text().splitlines()) == 1  # no requeue
+    for knob, value in (("PROCESS_PER", "socket"), ("TASK_WAIT", "soon")):
+        result = subprocess.run(
+            script, env={**env, knob: value}, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2 and knob in result.stderr
 
 
 @pytest.mark.slow
@@ -400,6 +420,122 @@ def test_missing_process_times_out_with_one_line(processes, tmp_path):
     assert "not all processes joined within 3 s" in log
     assert "Check failure" not in log and "Traceback" not in log
     assert proc.returncode == exitcodes.JOIN_TIMEOUT
+
+
+# ----- a lost or stopped process, a signal to one ----------------------------------------------
+
+LONG_EPOCHS = 80
+LONG = [
+    f"--config.train.epochs={LONG_EPOCHS}",
+    "--config.eval.every_epochs=0",
+    "--config.checkpoint.every_epochs=5",
+    "--heartbeat_timeout=10",  # JAX's runtime declares a silent process lost after 10 s
+]
+LOST_TIMEOUT = 90  # a survivor must be gone this long after its peer was lost
+
+
+def _pair(processes: Processes, workdir: Path, name: str) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of a LONG_EPOCHS run on ``workdir``, logs ``NAME0``, ``NAME1``."""
+    port = two_processes.free_port()
+    return [
+        processes.start(
+            f"{name}{i}", _main(*LONG, "--workdir", str(workdir), *_process_flags(port, i)), _env(2)
+        )
+        for i in range(2)
+    ]
+
+
+def _exit_code(processes: Processes, proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        processes.kill()
+        pytest.fail(f"pid {proc.pid} still running after {timeout:g} s\n{processes.logs()}")
+
+
+def _epochs_written(workdir: Path) -> int:
+    path = workdir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait_for_epochs(processes: Processes, workdir: Path, count: int, pair) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while _epochs_written(workdir) < count:
+        if any(proc.poll() is not None for proc in pair) or time.monotonic() > deadline:
+            processes.kill()
+            pytest.fail(f"no epoch {count} in {workdir}\n{processes.logs()}")
+        time.sleep(0.05)
+
+
+def _error_lines(processes: Processes, name: str) -> list[str]:
+    log = processes.log(name)
+    for noise in ("Check failure", "Traceback", "Fatal Python error", "client.h"):
+        assert noise not in log, log[-3000:]
+    return [line for line in log.splitlines() if line.startswith("error:")]
+
+
+def _without_timing(workdir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in _read_metrics(workdir)]
+
+
+@pytest.mark.slow
+def test_a_signalled_lost_or_stopped_process_ends_every_process_and_the_run_resumes(
+    processes, tmp_path
+):
+    """Two processes, one run interrupted three times, then finished; its metrics are those of
+    the uninterrupted run exactly.
+
+    1. SIGTERM to process 1 alone: both stop after the same epoch with its checkpoint (75).
+    2. kill -9 of process 0 (the coordinator): process 1 exits 76 with one line naming it.
+    3. SIGSTOP of process 1: process 0 exits 76 naming it after the heartbeat timeout; process 1,
+       continued, finds the run gone and exits 76 too.
+    """
+    reference, workdir = tmp_path / "reference", tmp_path / "run"
+    # the uninterrupted run, beside the first part (their processes wait on each other a lot)
+    uninterrupted = _pair(processes, reference, "reference")
+
+    # 1. SIGTERM to one process
+    pair = _pair(processes, workdir, "term")
+    _wait_for_epochs(processes, workdir, 1, pair)
+    pair[1].send_signal(signal.SIGTERM)
+    assert [_exit_code(processes, proc, RUN_TIMEOUT) for proc in pair] == [75, 75]
+    assert [_exit_code(processes, proc, RUN_TIMEOUT) for proc in uninterrupted] == [0, 0]
+    stopped = _epochs_written(workdir)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(stopped)]
+    for i in range(2):
+        assert f"preempted: stopped after epoch {stopped};" in processes.log(f"term{i}")
+
+    # 2. kill -9 of the coordinator
+    pair = _pair(processes, workdir, "kill")
+    _wait_for_epochs(processes, workdir, stopped + 8, pair)
+    pair[0].kill()
+    assert _exit_code(processes, pair[1], LOST_TIMEOUT) == exitcodes.LOST_PROCESS
+    assert pair[0].wait(timeout=10) == -signal.SIGKILL
+    (error,) = _error_lines(processes, "kill1")
+    assert error.startswith("error: lost process 0 of 2, the coordinator"), error
+    assert "process 1 stops too" in error and "rerun every process" in error
+    assert f"resuming from the checkpoint of epoch {stopped}" in processes.log("kill1")
+
+    # 3. a stopped process
+    pair = _pair(processes, workdir, "stop")
+    before = _epochs_written(workdir)
+    _wait_for_epochs(processes, workdir, before + 3, pair)
+    pair[1].send_signal(signal.SIGSTOP)
+    try:
+        assert _exit_code(processes, pair[0], LOST_TIMEOUT) == exitcodes.LOST_PROCESS
+    finally:
+        pair[1].send_signal(signal.SIGCONT)
+    (error,) = _error_lines(processes, "stop0")
+    assert error.startswith("error: lost process 1 of 2: killed, crashed, stopped, or no "), error
+    assert "heartbeat for 10 s" in error
+    assert _exit_code(processes, pair[1], LOST_TIMEOUT) == exitcodes.LOST_PROCESS
+    (error,) = _error_lines(processes, "stop1")
+    assert "process 1 of 2 (this one) was declared lost" in error or "lost process 0" in error
+
+    # 4. the rest of the run
+    pair = _pair(processes, workdir, "final")
+    assert [_exit_code(processes, proc, RUN_TIMEOUT) for proc in pair] == [0, 0]
+    assert _without_timing(workdir) == _without_timing(reference)
 
 
 # ----- launcher scripts without training -----------------------------------------------------
@@ -523,3 +659,51 @@ def test_slurm_settings_one_process_per_gpu():
         distributed.slurm_settings({**env, "JAX_COORDINATOR_PORT": "1234"})["coordinator_address"]
         == "gpu12:1234"
     )
+
+
+# ----- the supervising parent's reading of flags and of JAX's fatal reports ----------------------
+
+# What JAX's runtime (jaxlib 0.10) prints when it ends a process, abridged: the coordinator's
+# view of a dead process 1, and a process whose coordinator is gone.
+PEER_REPORT = """E1204 14:37:47.574945   26142 coordination_service.cc:1549] [4804] Use error polling to propagate the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed. Check the task logs for an earlier error.
+F1204 14:37:47.575542   26153 client.h:80] Terminating process because the JAX distributed service detected fatal errors. absl::Status: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed.
+*** Check failure stack trace: ***
+"""
+COORDINATOR_REPORT = """F1204 14:38:02.655156   26345 client.h:80] Terminating process because the JAX distributed service detected fatal errors. absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. Either the leader task was preempted/died/restarted unexpectedly or this task is experiencing network issues.
+Additional GRPC error information from remote target coordination_service while calling /xla.coordination.CoordinationService/PollForError:
+:UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"Socket closed"}
+"""
+
+
+def test_the_supervisor_names_the_lost_process():
+    assert supervisor.lost_processes(PEER_REPORT) == [1]
+    assert supervisor.lost_processes(COORDINATOR_REPORT) == [0]
+    assert supervisor.lost_processes("Task 3 heartbeat timeout") == [3]
+    assert supervisor.lost_processes("something else") == []
+    launch = supervisor.Launch(process_id=0, num_processes=4, heartbeat_timeout=60)
+    line = supervisor.lost_process_message(PEER_REPORT, launch)
+    assert line.startswith("error: lost process 1 of 4: killed, crashed, stopped, or no heartbeat")
+    assert "\n" not in line and "process 0 stops too" in line
+    mine = supervisor.lost_process_message(PEER_REPORT, launch._replace(process_id=1))
+    assert mine.startswith("error: process 1 of 4 (this one) was declared lost")
+
+
+def test_the_supervisor_reads_the_launch_like_distributed_initialize():
+    launch = supervisor.multi_process_launch
+    assert launch(["main", "--workdir", "w"], {}) is None
+    assert launch(["main", "--num_processes=1"], {}) is None
+    assert launch(
+        ["main", "--num_processes", "2", "--process_id=1", "--heartbeat_timeout=7"], {}
+    ) == (
+        1,
+        2,
+        7,
+    )
+    assert launch(["main", "--coordinator_address=h:1"], {}) == (None, None, 60)
+    slurm = _slurm(SLURM_PROCID="1")
+    assert launch(["main"], slurm) == (1, 2, 60)
+    assert launch(["main"], _slurm(SLURM_NTASKS="1")) is None

@@ -22,11 +22,12 @@ the stored shape and the choice are process 0's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import ml_collections
@@ -61,6 +62,17 @@ def explicit_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {field: value for field, value in fixed.items() if value}
 
 
+def _fixed(run: Run) -> dict[str, Any]:
+    """:func:`explicit_fields`, blocks per microbatch cut to the run's blocks per device (the
+    engine was built so, with a warning, :func:`gdreg.program.experiment.loop_settings`)."""
+    fixed = explicit_fields(run.config)
+    if "blocks_per_microbatch" in fixed:
+        fixed["blocks_per_microbatch"] = min(
+            fixed["blocks_per_microbatch"], run.blocks_per_device()
+        )
+    return fixed
+
+
 def built_shape(run: Run) -> LoopShape:
     """The shape the run's engine was built in: the config's fields, else the backend's
     defaults (:func:`gdreg.program.experiment.loop_settings`)."""
@@ -90,9 +102,7 @@ def tune(run: Run, state: TrainState, *, mode: str | None = None) -> tuple[LoopS
     epoch = int(fetch_replicated(state.epoch))
     layout = run.epoch_layouts(epoch)[0]
     num_devices = run.engine.num_devices
-    shapes = candidate_shapes(
-        explicit_fields(config), math.ceil(len(layout) / num_devices), default
-    )
+    shapes = candidate_shapes(_fixed(run), math.ceil(len(layout) / num_devices), default)
     if len(shapes) == 1:
         return shapes[0], []
     arguments = EngineArguments(
@@ -118,8 +128,21 @@ def with_loop_shape(run: Run, shape: LoopShape) -> Run:
     )
 
 
-def _stored(workdir: str) -> LoopShape | None:
-    """The shape in ``workdir``'s loop_shape.json (None without one), checked; a damaged file
+class Stored(NamedTuple):
+    """What ``loop_shape.json`` holds: the shape and where it ran (0: not recorded)."""
+
+    shape: LoopShape
+    devices: int
+    processes: int
+
+
+def _count(values: Mapping[str, Any], field: str) -> int:
+    value = values.get(field)
+    return value if type(value) is int and value > 0 else 0
+
+
+def _stored(workdir: str) -> Stored | None:
+    """The contents of ``workdir``'s loop_shape.json (None without one), checked; a damaged file
     is a :class:`RunDirError` that says how to go on."""
     try:
         values = rundir.read_loop_shape(workdir)
@@ -139,35 +162,40 @@ def _stored(workdir: str) -> LoopShape | None:
             "again (the resumed run may then differ from an uninterrupted one in float32 "
             "rounding)"
         ) from None
-    return shape
+    return Stored(shape, _count(values, "devices"), _count(values, "processes"))
 
 
-def _broadcast_shape(shape: LoopShape | None) -> LoopShape | None:
-    """Process 0's ``shape`` (or its None) on every process."""
+def _broadcast_stored(stored: Stored | None) -> Stored | None:
+    """Process 0's ``stored`` (or its None) on every process."""
     if jax.process_count() == 1:
-        return shape
-    code = [0, 0, 0, 0]
-    if shape is not None:
+        return stored
+    code = [0, 0, 0, 0, 0, 0]
+    if stored is not None:
+        shape = stored.shape
         code = [
             1,
             shape.blocks_per_microbatch,
             MICROBATCH_LOOPS.index(shape.microbatch_loop),
             BLOCK_LOOPS.index(shape.block_loop),
+            stored.devices,
+            stored.processes,
         ]
-    present, size, loop, inner = from_process_zero(code)
-    return LoopShape(size, MICROBATCH_LOOPS[loop], BLOCK_LOOPS[inner]) if present else None
+    present, size, loop, inner, devices, processes = from_process_zero(code)
+    if not present:
+        return None
+    return Stored(LoopShape(size, MICROBATCH_LOOPS[loop], BLOCK_LOOPS[inner]), devices, processes)
 
 
-def _read_stored(workdir: str, fixed: Mapping[str, Any]) -> LoopShape | None:
+def _read_stored(workdir: str, fixed: Mapping[str, Any]) -> Stored | None:
     """Process 0's reading of the stored shape, on every process (a collective call).
 
     A damaged file ends the run on every process, unless the config sets all three fields
     (then the file is only rewritten).
     """
-    shape, problem = None, None
+    stored, problem = None, None
     if jax.process_index() == 0:
         try:
-            shape = _stored(workdir)
+            stored = _stored(workdir)
         except RunDirError as error:
             if len(fixed) < len(LoopShape._fields):
                 problem = error
@@ -175,7 +203,11 @@ def _read_stored(workdir: str, fixed: Mapping[str, Any]) -> LoopShape | None:
                 logging.warning("%s; the config sets every loop field, so it is rewritten", error)
     if not distributed.all_processes(problem is None):
         raise problem or RunDirError(f"{rundir.loop_shape_path(workdir)}: unreadable")
-    return _broadcast_shape(shape)
+    return _broadcast_stored(stored)
+
+
+def _processes(count: int) -> str:
+    return f"{count} process{'es' if count > 1 else ''}"
 
 
 def choose_loop_shape(run: Run, state: TrainState, workdir: str) -> Run:
@@ -184,27 +216,53 @@ def choose_loop_shape(run: Run, state: TrainState, workdir: str) -> Run:
     The shape stored in ``WORKDIR/loop_shape.json`` if there is one (its fields set in the
     config replaced by the config's values, with a warning); else the default shape for a run
     resumed from a checkpoint written before shapes were stored; else :func:`tune`'s choice
-    (which times per ``train.autotune``). Process 0 writes the file whenever the shape differs
-    from what it holds. ``state``: the restored state, replicated on the run's mesh.
+    (which times per ``train.autotune``); blocks per microbatch at most
+    :meth:`Run.blocks_per_device`. Process 0 writes the file whenever the shape, or the number
+    of devices or processes, differs from what it holds. ``state``: the restored state,
+    replicated on the run's mesh.
     """
-    config = run.config
-    fixed = explicit_fields(config)
+    fixed = _fixed(run)
     stored = _read_stored(workdir, fixed)
     path = rundir.loop_shape_path(workdir)
+    epoch = int(fetch_replicated(state.epoch))
+    devices, processes = run.engine.num_devices, jax.process_count()
     trials: list[Trial] = []
     if stored is not None:
-        shape = stored._replace(**fixed)
-        if shape != stored:
+        shape = stored.shape._replace(**fixed)
+        if shape != stored.shape:
             logging.warning(
                 "the config's loop settings replace those stored in %s (%s -> %s); the float32 "
                 "sums change order, so the run no longer repeats an uninterrupted one bit for bit",
                 path,
-                stored,
+                stored.shape,
                 shape,
             )
         else:
             logging.info("loop shape %s, as stored in %s", shape, path)
-    elif int(fetch_replicated(state.epoch)) > 0:
+        bound = run.blocks_per_device()
+        if shape.blocks_per_microbatch > bound:  # a hand-edited file, or now more devices
+            logging.warning(
+                "%s: blocks_per_microbatch=%d is more than the %d block%s each device has per "
+                "epoch; using %d",
+                path,
+                shape.blocks_per_microbatch,
+                bound,
+                "" if bound == 1 else "s",
+                bound,
+            )
+            shape = shape._replace(blocks_per_microbatch=bound)
+        before = stored.processes or processes  # not recorded by older versions
+        if epoch > 0 and stored.devices and (stored.devices, before) != (devices, processes):
+            logging.warning(
+                "resuming on %d devices in %s after training on %d in %s: the float32 sums "
+                "change order, so the metrics may differ from an uninterrupted run's in the last "
+                "digits",
+                devices,
+                _processes(processes),
+                stored.devices,
+                _processes(before),
+            )
+    elif epoch > 0:
         shape = built_shape(run)
         logging.info("loop shape %s: the default, which the resumed run trained with", shape)
     else:
@@ -212,14 +270,19 @@ def choose_loop_shape(run: Run, state: TrainState, workdir: str) -> Run:
         for trial in trials:
             logging.info("loop shape timing: %s", trial.describe())
         logging.info("loop shape %s (%s)", shape, "the fastest timed" if trials else "not timed")
-    if jax.process_index() == 0 and shape != stored:
+    if jax.process_index() == 0 and Stored(shape, devices, processes) != stored:
+        timing = [trial.describe() for trial in trials]
+        if stored is not None and shape == stored.shape:  # only the devices changed
+            with contextlib.suppress(RunDirError):
+                timing = (rundir.read_loop_shape(workdir) or {}).get("timing", timing)
         rundir.write_loop_shape(
             workdir,
             {
                 **shape._asdict(),
-                "devices": run.engine.num_devices,
+                "devices": devices,
+                "processes": processes,
                 "device_kind": jax.devices()[0].device_kind,
-                "timing": [trial.describe() for trial in trials],
+                "timing": timing,
             },
         )
     return with_loop_shape(run, shape)

@@ -4,14 +4,23 @@
 Written by :mod:`gdreg.program.loop`, read back by it on resume and by :mod:`gdreg.tools.landscape`.
 A checkpoint is restored replicated over the current mesh, whatever devices and processes wrote
 it, so a run can resume on another number of GPUs or nodes.
+
+Paths. Orbax's path library (``etils.epath``) globs inside a checkpoint with the folder's own
+name as part of the pattern, so a workdir such as ``runs/lr[0.1]`` made every checkpoint
+unreadable (the brackets matched nothing, and orbax skipped merging the per-process files it had
+just written); this module makes that folder part literal (:func:`_literal_glob_folders`). A
+backslash cannot be made to work: the storage layer (tensorstore) reads it as a directory
+separator and writes the files elsewhere, so :func:`check_path` refuses it.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import jax
@@ -30,6 +39,45 @@ if TYPE_CHECKING:
 
 #: The item name orbax's CheckpointManager gives a single saved item: ``<step>/default``.
 ITEM_NAME = "default"
+
+
+def _literal_glob_folders() -> None:
+    """Makes ``epath.Path(folder).glob(pattern)`` take ``folder`` literally for local paths.
+
+    epath joins the two and globs the result, so glob characters in the folder's name
+    (``[``, ``*``, ``?``) act as a pattern; pathlib, whose API epath follows, globs the pattern
+    only. Orbax globs that way for the per-process files it merges after a save and reads back.
+    """
+    from etils.epath import gpath
+
+    original = gpath._GPath.glob
+    if getattr(original, "literal_folder", False):
+        return
+    magic = re.compile(r"[*?\[]")
+
+    def glob_in_folder(self, pattern: str) -> Iterator:
+        if self._uri_scheme is not None or not magic.search(self._path_str):
+            yield from original(self, pattern)
+            return
+        yield from original(type(self)(glob.escape(self._path_str)), pattern)
+
+    glob_in_folder.literal_folder = True
+    gpath._GPath.glob = glob_in_folder
+
+
+_literal_glob_folders()
+
+
+def check_path(workdir: str) -> None:
+    """Raises :class:`RunDirError` for a workdir whose checkpoints would not be where orbax
+    reads them: a backslash in its absolute path (see the module docstring)."""
+    path = os.path.abspath(workdir)
+    if "\\" in path:
+        raise RunDirError(
+            f"--workdir {path} contains a backslash, which orbax's storage (tensorstore) reads "
+            "as a directory separator: its checkpoints would be written elsewhere and never "
+            "found; choose a path without '\\'"
+        )
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:

@@ -6,6 +6,10 @@ unknown or misspelt field or group, a value of the wrong type, an unknown varian
 file, is reported here as one line instead of absl's usage text or a traceback. ``--help``
 (``-h``) prints the program's own description and flags and exits 0 (absl's own prints only a
 usage line for console scripts, and exits 1).
+
+A field given twice takes the last value, tuples too (ml_collections appends repeated tuple
+overrides: ``--config.optim.milestones=(30,60) --config.optim.milestones=(50,)`` would give
+``(30, 60, 50)``; see :func:`_last_tuple_override_wins`).
 """
 
 from __future__ import annotations
@@ -121,12 +125,35 @@ def flags_parser(description: str) -> Callable[[list[str]], list[str]]:
     return parse
 
 
+def _last_tuple_override_wins() -> None:
+    """Makes a repeated ``--config.FIELD=(...)`` replace the earlier value of a tuple field.
+
+    ml_collections overrides tuple fields through absl's multi-value flag, whose every
+    occurrence extends the list of the ones before; every other field takes the last value, as
+    a command line built up from defaults plus a user's additions expects.
+    """
+    from ml_collections.config_flags import config_flags
+
+    flag_class = getattr(config_flags, "_ConfigFieldMultiFlag", None)
+    if flag_class is None or getattr(flag_class.parse, "last_wins", False):
+        return
+    original = flag_class.parse
+
+    def parse(self, arguments):
+        self.present = 0  # absl's MultiFlag.parse extends the value while present is set
+        original(self, arguments)
+
+    parse.last_wins = True
+    flag_class.parse = parse
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """``absl.app.run``'s ``flags_parser``: parses ``argv`` or exits 2 with one ``error:`` line."""
     problem = _config_path_problem(argv)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(exitcodes.BAD_INPUT)
+    _last_tuple_override_wins()
     try:
         remaining = flags.FLAGS(argv)
         if "config" in flags.FLAGS and flags.FLAGS.config is not None:  # optional: precision

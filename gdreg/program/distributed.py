@@ -22,6 +22,10 @@ Failures at start-up are reported in one line: a process that is not joined by a
 within ``timeout_seconds`` exits with :data:`gdreg.program.exitcodes.JOIN_TIMEOUT` (JAX itself would
 abort with a C++ stack trace), and processes started with different configs raise
 :class:`ConfigMismatchError` naming the fields that differ.
+
+Failures later on: a process lost during the run (killed, crashed, stopped, silent for
+``heartbeat_timeout`` seconds) makes JAX's runtime end the others; :mod:`gdreg.program.supervisor`
+reports that in one line with :data:`gdreg.program.exitcodes.LOST_PROCESS`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Mapping
 
 import jax
@@ -40,6 +45,7 @@ import numpy as np
 
 from gdreg.program import exitcodes
 from gdreg.program.config import flatten
+from gdreg.program.supervisor import DEFAULT_HEARTBEAT_TIMEOUT, launched_by_slurm, slurm_num_tasks
 
 # Port rule of JAX's SlurmCluster (jax/_src/clusters/slurm_cluster.py): an ephemeral port
 # derived from the job id, so that every task computes the same one.
@@ -108,16 +114,6 @@ def configure_cpu_devices(count: int) -> bool:
 # ----- SLURM ------------------------------------------------------------------------------
 
 
-def _slurm_num_tasks(environ: Mapping[str, str]) -> int:
-    return int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1")
-
-
-def launched_by_slurm(environ: Mapping[str, str] | None = None) -> bool:
-    """True inside ``srun`` with more than one task (SLURM_NTASKS > 1)."""
-    environ = os.environ if environ is None else environ
-    return _slurm_num_tasks(environ) > 1 and "SLURM_PROCID" in environ
-
-
 def first_hostname(nodelist: str) -> str:
     """The first host of a SLURM node list: ``"gpu[003-004,9],cpu1"`` -> ``"gpu003"``."""
     match = re.match(r"([^,\[]*)(?:\[([^\]]*)\]([^,]*))?", nodelist.strip())
@@ -157,7 +153,7 @@ def slurm_settings(environ: Mapping[str, str] | None = None) -> dict:
         if "SLURM_JOB_ID" not in environ:
             raise StartupError("SLURM_JOB_ID is not set; start the processes with srun")
         port = str(int(environ["SLURM_JOB_ID"]) % 2**12 + _SLURM_PORT_BASE)
-    num_tasks = _slurm_num_tasks(environ)
+    num_tasks = slurm_num_tasks(environ)
     num_nodes = int(
         environ.get("SLURM_STEP_NUM_NODES")
         or environ.get("SLURM_NNODES")
@@ -221,13 +217,16 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     timeout_seconds: int = 300,
+    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT,
 ) -> bool:
     """Initializes ``jax.distributed`` when this is one of several processes.
 
     Explicit arguments win; otherwise SLURM's variables are used (see the module docstring).
     A single process does nothing but log its devices. Returns whether the runtime was
     initialized. A process that is not joined by all others within ``timeout_seconds``
-    exits with :data:`gdreg.program.exitcodes.JOIN_TIMEOUT` after printing one line.
+    exits with :data:`gdreg.program.exitcodes.JOIN_TIMEOUT` after printing one line. A process
+    silent for ``heartbeat_timeout`` seconds is declared lost by JAX's runtime, which then ends
+    the others (:mod:`gdreg.program.supervisor` turns that into one line).
     """
     explicit = coordinator_address is not None or process_id is not None or (num_processes or 1) > 1
     if explicit:
@@ -269,6 +268,7 @@ def initialize(
                 cluster_detection_method="deactivate",
                 # Our watchdog reports a late process; JAX's own deadline only backs it up.
                 initialization_timeout=int(timeout_seconds) + 60,
+                heartbeat_timeout_seconds=int(heartbeat_timeout),
             )
         initialized = True
     else:
@@ -287,6 +287,45 @@ def shutdown() -> None:
     """Leaves the distributed runtime (a no-op for a single process)."""
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
+
+
+# ----- a lost process ---------------------------------------------------------------------
+
+# What a collective operation or barrier raises when the process on the other end is gone.
+_LOST_CONTACT = (
+    "Gloo",
+    "NCCL",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "Barrier",
+    "coordination service",
+)
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether ``error`` (raised in a multi-process run) looks like a peer that is gone."""
+    return jax.process_count() > 1 and any(marker in str(error) for marker in _LOST_CONTACT)
+
+
+def await_runtime_verdict(error: BaseException, heartbeat_timeout: float) -> None:
+    """Waits, quietly, for JAX's runtime to end this process after ``error`` (see
+    :func:`lost_contact`): the runtime knows which process is lost and says so within
+    ``heartbeat_timeout`` seconds, and the supervising parent turns that into one line. Should it
+    not, this ends the process itself, with one line and
+    :data:`gdreg.program.exitcodes.LOST_PROCESS`. Never returns."""
+    logging.info("a step across processes failed (%s); waiting for the runtime", error)
+    time.sleep(heartbeat_timeout + 30)
+    first = " ".join(str(error).split())[:200]
+    sys.stderr.write(
+        f"error: a step across processes failed ({first}); another process is probably lost: "
+        "rerun every process with the same --workdir to resume from the last checkpoint\n"
+    )
+    sys.stderr.flush()
+    # Not sys.exit: the runtime's exit handlers would wait for the lost process.
+    os._exit(exitcodes.LOST_PROCESS)
 
 
 # ----- consistency across processes -------------------------------------------------------

@@ -81,6 +81,18 @@ def epoch_plan(
     )
 
 
+def most_blocks(config: ml_collections.ConfigDict, plan: EpochPlan, num_virtual_images: int) -> int:
+    """The most blocks one engine call covers in this run: a full-batch epoch's blocks, or a
+    stochastic epoch's minibatches (one block each; passes over a whole epoch, such as the
+    analysis metrics, take them all at once). ``train.blocks_per_microbatch`` beyond this, per
+    device, would only add empty blocks."""
+    modes = {plan.mode, plan.mode_of(plan.switch_after)} if plan.switch_after else {plan.mode}
+    counts = [plan.steps[STOCHASTIC]] if STOCHASTIC in modes else []
+    if FULLBATCH in modes:
+        counts.append(num_virtual_images // config.train.block_size)
+    return max(max(counts), 1)
+
+
 def epoch_layouts(
     config: ml_collections.ConfigDict,
     plan: EpochPlan,

@@ -18,6 +18,8 @@ learning-rate schedule moves once per epoch in both modes, as in the reference i
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -112,6 +114,12 @@ class Run:
         statistics, analysis, the loss landscape)."""
         layouts = self.epoch_layouts(epoch)
         return layouts[0] if len(layouts) == 1 else np.concatenate(layouts, axis=0)
+
+    def blocks_per_device(self) -> int:
+        """The most blocks a device takes in one engine call (the bound of
+        ``train.blocks_per_microbatch``; :func:`gdreg.program.epochs.most_blocks`)."""
+        blocks = epochs.most_blocks(self.config, self.plan, self.num_virtual_images)
+        return math.ceil(blocks / self.mesh.devices.size)
 
 
 # ----- the pieces ---------------------------------------------------------------------------
@@ -285,7 +293,9 @@ def make_batch_fns(
     return train_batch, test_batch
 
 
-def loop_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def loop_settings(
+    config: ml_collections.ConfigDict, blocks_per_device: int | None = None
+) -> dict[str, Any]:
     """The engine's loop knobs without timing; "" / 0 in the config pick the backend's default.
 
     One block per call in a Python loop on CPU (XLA:CPU runs convolutions inside loop bodies on
@@ -293,12 +303,28 @@ def loop_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     minibatch is one block: for the engine calls over minibatch layouts (analysis, landscape)
     more per call would only add zero-weight padding blocks.
     :mod:`gdreg.program.autotune` times the alternatives.
+
+    ``blocks_per_device`` (:meth:`Run.blocks_per_device`) bounds the blocks per microbatch:
+    more would only pad every call with empty blocks (1000 for 4 blocks compiled for minutes);
+    a larger config value is cut to it, with a warning.
     """
     one_block = jax.default_backend() == "cpu" or (
         config.train.mode == "stochastic" and not config.train.switch_mode_after
     )
+    size = config.train.blocks_per_microbatch or (1 if one_block else 4)
+    if blocks_per_device is not None and size > blocks_per_device:
+        if config.train.blocks_per_microbatch:
+            logging.warning(
+                "train.blocks_per_microbatch=%d is more than the %d block%s each device has per "
+                "epoch; using %d",
+                size,
+                blocks_per_device,
+                "" if blocks_per_device == 1 else "s",
+                blocks_per_device,
+            )
+        size = blocks_per_device
     return {
-        "blocks_per_microbatch": config.train.blocks_per_microbatch or (1 if one_block else 4),
+        "blocks_per_microbatch": size,
         "microbatch_loop": config.train.microbatch_loop or "python",
         "block_loop": config.train.block_loop or "unroll",
     }
@@ -310,8 +336,10 @@ def make_engine(
     train_batch: BatchFn,
     penalty: optax.GradientTransformationExtraArgs,
     mesh: Mesh,
+    blocks_per_device: int | None = None,
 ) -> FullBatchGradient:
-    """The sharded full-batch gradient of the model's training loss, with the penalty."""
+    """The sharded full-batch gradient of the model's training loss, with the penalty
+    (``blocks_per_device``: see :func:`loop_settings`)."""
     return FullBatchGradient(
         make_loss_fn(model, label_smoothing=config.loss.label_smoothing),
         train_batch,
@@ -319,7 +347,7 @@ def make_engine(
         penalty=penalty,
         penalty_full_gradient=config.penalty.full_strength > 0,
         batchnorm_statistics=config.train.batchnorm_statistics,
-        **loop_settings(config),
+        **loop_settings(config, blocks_per_device),
     )
 
 
@@ -461,7 +489,8 @@ def build(
     model = make_model(config, dataset.num_classes)
     optimizer = make_optimizer(config, plan, dataset.num_classes)
     train_batch, test_batch = make_batch_fns(config, dataset)
-    engine = make_engine(config, model, train_batch, optimizer.penalty, mesh)
+    per_device = math.ceil(epochs.most_blocks(config, plan, num_virtual) / mesh.devices.size)
+    engine = make_engine(config, model, train_batch, optimizer.penalty, mesh, per_device)
     statistics_engine = None
     if config.train.batchnorm_statistics == "recompute":
         statistics_engine = make_statistics_engine(engine, model)

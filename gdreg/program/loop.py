@@ -228,6 +228,7 @@ def train_and_evaluate(
     # Everything is checked before anything is written: the config, and against the run's.
     run = build(config)
     changes = _resume_config(config, workdir, allow_config_change)
+    checkpoint.check_path(workdir)
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         if stop is None:
