@@ -94,7 +94,9 @@ def test_forward_differences_converge_to_the_exact_penalty(x64):
     g = jax.grad(loss_fn)(params, x, y)
     errors = []
     for eps in (1e-3, 1e-4):
-        f = gdreg.value_and_penalized_grad(loss_fn, strength=STRENGTH, learning_rate=LR, eps=eps)
+        f = gdreg.value_and_penalized_grad(
+            loss_fn, strength=STRENGTH, learning_rate=LR, method="forward", eps=eps
+        )
         added = jax.tree.map(jnp.subtract, f(params, x, y)[1], g)
         wanted = jax.tree.map(jnp.subtract, expected, g)
         flat_added, flat_wanted = ravel_pytree(added)[0], ravel_pytree(wanted)[0]
@@ -137,7 +139,7 @@ def test_schedules_aux_and_learning_rate_at_call_time(x64):
         scheduled(params, x, y, step=0, learning_rate=0.1)
     with pytest.raises(ValueError, match="learning_rate"):
         at_call(params, x, y, learning_rate=-0.1)
-    for bad in ({"learning_rate": 0.0}, {"learning_rate": 0.1, "strength": -1.0}):
+    for bad in ({"learning_rate": -1e-3}, {"learning_rate": 0.1, "strength": -1.0}):
         with pytest.raises(ValueError, match=next(reversed(bad))):
             gdreg.value_and_penalized_grad(loss_fn, **bad)
     with pytest.raises(TypeError, match="learning_rate"):
