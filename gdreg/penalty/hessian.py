@@ -80,7 +80,7 @@ def _check_number(name: str, value: Any, *, positive: bool) -> None:
 # ----- errors found from values at run time ----------------------------------------------------
 
 
-class _RunTimeCheckError(ValueError):
+class PenaltyCheckError(ValueError):
     """gdreg's error for a misuse seen in values (raised from a host callback under ``jit``)."""
 
 
@@ -89,7 +89,7 @@ class _QuietOwnErrors(logging.Filter):
     # as a JaxRuntimeError; for gdreg's own errors the error itself says everything, once.
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, _RunTimeCheckError)
+        return not isinstance(error, PenaltyCheckError)
 
 
 logging.getLogger("jax._src.callback").addFilter(_QuietOwnErrors())
@@ -116,7 +116,7 @@ def _forget_reported_failures() -> None:
             try:
                 token.block_until_ready()
             except Exception as error:  # the program's failure, as JAX would print it
-                if _RunTimeCheckError.__name__ in str(error):
+                if PenaltyCheckError.__name__ in str(error):
                     del tokens[device]
     except Exception:  # another JAX: it prints, as it would without gdreg
         return
@@ -157,7 +157,7 @@ def _fail_if(bad: Any, message: Callable[..., str], *values: Any) -> Any:
             first = int(np.argmax(flag.ravel()))
             shown = [np.broadcast_to(np.asarray(n), flag.shape).ravel()[first] for n in numbers]
             _FAILED_IN_CALLBACK.append(True)
-            raise _RunTimeCheckError(message(*(n.item() for n in shown)))
+            raise PenaltyCheckError(message(*(n.item() for n in shown)))
         return flag
 
     def call_back():
@@ -355,7 +355,7 @@ def _jvp(evaluate: Callable, x0: list[jax.Array], v: list[jax.Array]):
             raise
         raise ValueError(
             'method="jvp" differentiates the gradient in forward mode, and the loss uses a '
-            "jax.custom_vjp function, which has no forward-mode derivative (JAX: "
+            "jax.custom_vjp function that JAX cannot differentiate in forward mode (JAX: "
             f'{str(error).splitlines()[0]}). Use method="forward" (or "central"): finite '
             "differences of gradients need reverse mode only."
         ) from None

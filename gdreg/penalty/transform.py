@@ -284,7 +284,12 @@ def gradient_norm_penalty(
                     bad = ~(jnp.isfinite(value) & (value >= 0))
                     failed = _either(failed, _fail_if(bad, _rate_error(name), value))
             param_leaves = jax.tree.leaves(params_like)
-            upcast = any(_compute_dtype(param_leaves[i]) != param_leaves[i].dtype for i in floating)
+            # As hessian_vector_product decides whether it recomputes the forward base.
+            upcast = any(
+                jnp.result_type(param_leaves[i])
+                != jnp.promote_types(_compute_dtype(param_leaves[i]), _compute_dtype(g))
+                for i, g in zip(floating, incoming, strict=True)
+            )
             if method == "jvp" or (method == "forward" and upcast):
                 # The product computes penalty_grad_fn(params) anyway (the primal output of
                 # "jvp"; forward differences at upcast bfloat16/float16 parameters recompute
