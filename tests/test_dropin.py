@@ -567,7 +567,7 @@ def test_nnx_grad_fn_with_fresh_dropout_masks_is_caught_by_check(x64):
 
 @functools.cache
 def _snippet(name):
-    """The README snippet's module namespace after it ran (trained, float32)."""
+    """The docs/penalty.md snippet's module namespace after it ran (trained, float32)."""
     return runpy.run_path(str(DOCS / f"{name}.py"), run_name="__main__")
 
 
