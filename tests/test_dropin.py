@@ -587,7 +587,7 @@ def test_check_catches_a_missing_cross_device_mean(mistake):
     mesh = jax.make_mesh((4,), ("batch",), devices=jax.devices()[:4])
     x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
     axis_name = "batch" if mistake == "incoming gradient not averaged" else None
-    tx = gdreg.gradient_norm_penalty(learning_rate=LR, axis_name=axis_name, check=True)
+    tx = gdreg.gradient_norm_penalty(learning_rate=LR, axis_name=axis_name)  # default check
 
     def body(p, xb, yb):
         local = jax.grad(loss_fn)(p, xb, yb)

@@ -81,7 +81,7 @@ def _check_number(name: str, value: Any, *, positive: bool) -> None:
 
 
 class PenaltyCheckError(ValueError):
-    """gdreg's error for a misuse seen in values (raised from a host callback under ``jit``)."""
+    """gdreg's error for a misuse seen in values (under ``jit``, raised in a host callback)."""
 
 
 class _QuietOwnErrors(logging.Filter):
@@ -130,15 +130,17 @@ def _is_traced(*values: Any) -> bool:
 
 
 def _fail_if(bad: Any, message: Callable[..., str], *values: Any) -> Any:
-    """Raises ``ValueError(message(*values))`` where the boolean scalar ``bad`` holds.
+    """Raises ``PenaltyCheckError(message(*values))`` (a ValueError) where ``bad`` holds.
 
     With concrete values the error is raised now. Under ``jit`` (or inside ``lax.cond``, which
     traces even eager calls) values exist only at run time, and the only way a compiled program
     can stop is a host callback: it runs only when ``bad`` holds (``lax.cond``), so a passing
-    check costs one scalar test, and it is a ``pure_callback`` (no side effect), so a failed
-    program leaves nothing that JAX would raise again at exit. JAX hands the error to the
-    caller as a ``JaxRuntimeError`` whose message ends with this one. ``values`` are scalars
-    for the message; under ``vmap`` the first failing element's are shown.
+    check costs one scalar test. JAX hands the error to the caller as a ``JaxRuntimeError``
+    whose message ends with this one (no JAX API keeps the exception's type); it is a
+    ``pure_callback`` (no effect token), JAX's own log of it is filtered out, and the tokens
+    JAX keeps of multi-device programs with callbacks are dropped at exit
+    (``_forget_reported_failures``), so the message is shown once. ``values`` are scalars for
+    the message; under ``vmap`` the first failing element's are shown.
 
     Returns:
       ``False`` when concrete, else a traced boolean that the caller must fold into its result
@@ -148,7 +150,7 @@ def _fail_if(bad: Any, message: Callable[..., str], *values: Any) -> Any:
     values = tuple(jax.lax.stop_gradient(jnp.asarray(v)) for v in values)
     if not _is_traced(bad, values):
         if bool(bad):
-            raise ValueError(message(*(np.asarray(v).item() for v in values)))
+            raise PenaltyCheckError(message(*(np.asarray(v).item() for v in values)))
         return False
 
     def report(flag, *numbers):
