@@ -2,7 +2,7 @@
 
 No network here, so instead of a fresh virtual environment the test hides, in a subprocess,
 every module that only the "train" extra brings (computed from the installed packages'
-metadata, so it follows pyproject.toml), then imports gdreg and runs the README's plain-JAX
+metadata, so it follows pyproject.toml), then imports gdreg and runs docs/penalty.md's plain-JAX
 snippet.
 """
 

@@ -94,7 +94,9 @@ def test_forward_differences_converge_to_the_exact_penalty(x64):
     g = jax.grad(loss_fn)(params, x, y)
     errors = []
     for eps in (1e-3, 1e-4):
-        f = gdreg.value_and_penalized_grad(loss_fn, strength=STRENGTH, learning_rate=LR, eps=eps)
+        f = gdreg.value_and_penalized_grad(
+            loss_fn, strength=STRENGTH, learning_rate=LR, method="forward", eps=eps
+        )
         added = jax.tree.map(jnp.subtract, f(params, x, y)[1], g)
         wanted = jax.tree.map(jnp.subtract, expected, g)
         flat_added, flat_wanted = ravel_pytree(added)[0], ravel_pytree(wanted)[0]
@@ -137,7 +139,7 @@ def test_schedules_aux_and_learning_rate_at_call_time(x64):
         scheduled(params, x, y, step=0, learning_rate=0.1)
     with pytest.raises(ValueError, match="learning_rate"):
         at_call(params, x, y, learning_rate=-0.1)
-    for bad in ({"learning_rate": 0.0}, {"learning_rate": 0.1, "strength": -1.0}):
+    for bad in ({"learning_rate": -1e-3}, {"learning_rate": 0.1, "strength": -1.0}):
         with pytest.raises(ValueError, match=next(reversed(bad))):
             gdreg.value_and_penalized_grad(loss_fn, **bad)
     with pytest.raises(TypeError, match="learning_rate"):
@@ -565,7 +567,7 @@ def test_nnx_grad_fn_with_fresh_dropout_masks_is_caught_by_check(x64):
 
 @functools.cache
 def _snippet(name):
-    """The README snippet's module namespace after it ran (trained, float32)."""
+    """The docs/penalty.md snippet's module namespace after it ran (trained, float32)."""
     return runpy.run_path(str(DOCS / f"{name}.py"), run_name="__main__")
 
 
@@ -585,7 +587,7 @@ def test_check_catches_a_missing_cross_device_mean(mistake):
     mesh = jax.make_mesh((4,), ("batch",), devices=jax.devices()[:4])
     x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
     axis_name = "batch" if mistake == "incoming gradient not averaged" else None
-    tx = gdreg.gradient_norm_penalty(learning_rate=LR, axis_name=axis_name, check=True)
+    tx = gdreg.gradient_norm_penalty(learning_rate=LR, axis_name=axis_name)  # default check
 
     def body(p, xb, yb):
         local = jax.grad(loss_fn)(p, xb, yb)

@@ -193,12 +193,13 @@ class FullBatchGradient:
     turns into one block's inputs: every pass over a block reads one input (behind an
     ``optimization_barrier``; on XLA:CPU, which drops barriers before fusing, ``batch_fn`` must
     give the same bits wherever it is recomputed, as gdreg's table lookup does). ``penalty`` is
-    an optax transformation applied to every block gradient as
-    ``penalty.update(g_B, penalty_state, params, penalty_grad_fn=grad of L_B)``
-    (built without ``check``: under the "reference" BatchNorm rule every evaluation of
+    an optax transformation applied to every block gradient as ``penalty.update(g_B,
+    penalty_state, params, penalty_grad_fn=grad of L_B, penalty_check=False)``: the engine
+    switches :func:`gdreg.gradient_norm_penalty`'s checks off for every call (its blocks are
+    correct by construction, and under the "reference" BatchNorm rule every evaluation of
     ``penalty_grad_fn`` outside forward-mode autodiff counts as a forward pass at perturbed
-    weights, so ``check``'s extra evaluation, or the forward-difference base that the penalty
-    recomputes for bfloat16/float16 parameters, would be counted too).
+    weights, so a check's extra evaluation would be counted too, as is the forward-difference
+    base that the penalty recomputes for bfloat16/float16 parameters).
     ``batchnorm_statistics`` names the rule for the running statistics
     (:data:`gdreg.engine.BATCHNORM_RULES`), ``batchnorm_momentum`` the weight of new statistics
     (PyTorch's convention, 0.1).
@@ -365,7 +366,12 @@ class FullBatchGradient:
 
             extra = {"full_grads": full_grads} if self.penalty_full_gradient else {}
             grads, new_penalty_state = self.penalty.update(
-                grads, penalty_state, params, penalty_grad_fn=penalty_grad_fn, **extra
+                grads,
+                penalty_state,
+                params,
+                penalty_grad_fn=penalty_grad_fn,
+                penalty_check=False,  # per block, each step: see the class docstring
+                **extra,
             )
             grads = _accumulated(grads)
         passes = [statistics, *perturbed]

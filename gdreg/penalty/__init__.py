@@ -7,9 +7,12 @@ finite differences or exactly. Public pieces, from the safest to the most flexib
 
 * :func:`value_and_penalized_grad` (:mod:`.dropin`): wraps a loss like ``jax.value_and_grad``;
 * :func:`nnx_value_and_penalized_grad` (:mod:`.nnx`): the same for Flax NNX models;
+* :func:`with_penalized_gradient` (:mod:`.dropin`): a loss whose gradient is the penalized one,
+  for code that differentiates a loss itself (Flax's ``DynamicScale``);
 * :func:`gradient_norm_penalty` (:mod:`.transform`): an optax transformation that must come
-  first in a chain and be given ``penalty_grad_fn``; :class:`PenaltyTrainState` (:mod:`.linen`)
-  passes that argument through a Flax Linen ``TrainState``;
+  first in a chain and be given ``penalty_grad_fn`` (it checks that at the first update);
+  :class:`PenaltyTrainState` (:mod:`.linen`) passes that argument through a Flax Linen
+  ``TrainState``;
 * :func:`penalized_gradient` and :func:`hessian_vector_product` (:mod:`.hessian`): the math.
 
 Names are imported on first use, so that reading :data:`METHODS` (the training program's config
@@ -22,7 +25,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gdreg.penalty.dropin import value_and_penalized_grad
+    from gdreg.penalty.dropin import value_and_penalized_grad, with_penalized_gradient
     from gdreg.penalty.hessian import hessian_vector_product, penalized_gradient
     from gdreg.penalty.linen import PenaltyTrainState
     from gdreg.penalty.nnx import nnx_value_and_penalized_grad
@@ -35,6 +38,7 @@ _HOMES = {
     "hessian_vector_product": "hessian",
     "penalized_gradient": "hessian",
     "value_and_penalized_grad": "dropin",
+    "with_penalized_gradient": "dropin",
     "GradientNormPenaltyState": "transform",
     "gradient_norm_penalty": "transform",
     "PenaltyTrainState": "linen",
@@ -49,6 +53,7 @@ __all__ = [
     "nnx_value_and_penalized_grad",
     "penalized_gradient",
     "value_and_penalized_grad",
+    "with_penalized_gradient",
 ]
 
 

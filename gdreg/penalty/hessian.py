@@ -28,6 +28,8 @@ The helpers below (argument checks, pytree and device-axis helpers) are shared w
 
 from __future__ import annotations
 
+import atexit
+import logging
 import math
 import numbers
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gdreg.penalty import METHODS
@@ -57,7 +60,11 @@ def _check_method(method: str) -> None:
 
 
 def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    """Rejects a bad number or a non-number; traced values and schedules pass unchecked."""
+    """Rejects a bad number or a non-number; traced values and schedules pass unchecked here.
+
+    Traced values (a schedule evaluated at a traced step, ``optax.inject_hyperparams``) are
+    checked at run time by :func:`_fail_if` where the callers ask for it.
+    """
     if value is None or callable(value) or isinstance(value, jax.core.Tracer):
         return
     if hasattr(value, "dtype") and jnp.size(value) == 1:
@@ -68,6 +75,109 @@ def _check_number(name: str, value: Any, *, positive: bool) -> None:
     if not ok:
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {bound}, got {name}={value!r}")
+
+
+# ----- errors found from values at run time ----------------------------------------------------
+
+
+class PenaltyCheckError(ValueError):
+    """gdreg's error for a misuse seen in values (under ``jit``, raised in a host callback)."""
+
+
+class _QuietOwnErrors(logging.Filter):
+    # JAX logs the traceback of any exception raised in a callback before it raises it again
+    # as a JaxRuntimeError; for gdreg's own errors the error itself says everything, once.
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, PenaltyCheckError)
+
+
+logging.getLogger("jax._src.callback").addFilter(_QuietOwnErrors())
+
+#: Set when a check failed inside a compiled program (see ``_forget_reported_failures``).
+_FAILED_IN_CALLBACK: list[bool] = []
+
+
+def _forget_reported_failures() -> None:
+    """At exit, drops JAX's record of the programs that gdreg's checks stopped.
+
+    JAX keeps, per device, the runtime token of the last program that ran a host callback and
+    waits for them at exit, printing any failure a second time ("Exception ignored in atexit
+    callback"). A failed check has already reached the caller as that program's error, so
+    exactly those tokens are dropped (registered after JAX's own handlers, this runs first).
+    """
+    if not _FAILED_IN_CALLBACK:
+        return
+    try:
+        from jax._src import dispatch  # private: no public API reaches these tokens
+
+        tokens = dispatch.runtime_tokens.output_runtime_tokens
+        for device, token in list(tokens.items()):
+            try:
+                token.block_until_ready()
+            except Exception as error:  # the program's failure, as JAX would print it
+                if PenaltyCheckError.__name__ in str(error):
+                    del tokens[device]
+    except Exception:  # another JAX: it prints, as it would without gdreg
+        return
+
+
+atexit.register(_forget_reported_failures)
+
+
+def _is_traced(*values: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+
+
+def _fail_if(bad: Any, message: Callable[..., str], *values: Any) -> Any:
+    """Raises ``PenaltyCheckError(message(*values))`` (a ValueError) where ``bad`` holds.
+
+    With concrete values the error is raised now. Under ``jit`` (or inside ``lax.cond``, which
+    traces even eager calls) values exist only at run time, and the only way a compiled program
+    can stop is a host callback: it runs only when ``bad`` holds (``lax.cond``), so a passing
+    check costs one scalar test. JAX hands the error to the caller as a ``JaxRuntimeError``
+    whose message ends with this one (no JAX API keeps the exception's type); it is a
+    ``pure_callback`` (no effect token), JAX's own log of it is filtered out, and the tokens
+    JAX keeps of multi-device programs with callbacks are dropped at exit
+    (``_forget_reported_failures``), so the message is shown once. ``values`` are scalars for
+    the message; under ``vmap`` the first failing element's are shown.
+
+    Returns:
+      ``False`` when concrete, else a traced boolean that the caller must fold into its result
+      (e.g. ``jnp.where(failed, nan, x)``), so that the callback is not pruned as unused.
+    """
+    bad = jax.lax.stop_gradient(jnp.asarray(bad))
+    values = tuple(jax.lax.stop_gradient(jnp.asarray(v)) for v in values)
+    if not _is_traced(bad, values):
+        if bool(bad):
+            raise PenaltyCheckError(message(*(np.asarray(v).item() for v in values)))
+        return False
+
+    def report(flag, *numbers):
+        flag = np.asarray(flag)
+        if np.any(flag):
+            first = int(np.argmax(flag.ravel()))
+            shown = [np.broadcast_to(np.asarray(n), flag.shape).ravel()[first] for n in numbers]
+            _FAILED_IN_CALLBACK.append(True)
+            raise PenaltyCheckError(message(*(n.item() for n in shown)))
+        return flag
+
+    def call_back():
+        shape = jax.ShapeDtypeStruct(bad.shape, jnp.bool_)
+        return jax.pure_callback(report, shape, bad, *values, vmap_method="broadcast_all")
+
+    return jax.lax.cond(bad, call_back, lambda: jnp.zeros_like(bad))
+
+
+def _either(a: Any, b: Any) -> Any:
+    """The disjunction of two failure flags of :func:`_fail_if` (False: no check made)."""
+    if a is False:
+        return b
+    return a if b is False else a | b
+
+
+def _rate_error(name: str) -> Callable[[float], str]:
+    return lambda value: f"{name} must be finite and >= 0, got {name}={value!r}"
 
 
 # ----- pytree helpers -------------------------------------------------------------------------
@@ -229,8 +339,45 @@ def hessian_vector_product(
       at ``params`` for ``"jvp"``.
 
     Raises:
-      ValueError: for an unknown ``method``, ``eps <= 0``, or a ``grad_fn`` output or
-        ``grads`` not shaped like ``params``.
+      ValueError: for an unknown ``method``, ``eps <= 0``, a ``grad_fn`` output or ``grads``
+        not shaped like ``params``, or ``"jvp"`` through a ``jax.custom_vjp`` function (which
+        has no forward-mode derivative: finite differences need only reverse mode).
+    """
+    result, aux, _ = _hessian_vector_product(
+        grad_fn, params, vector, method=method, eps=eps, grads=grads, has_aux=has_aux
+    )
+    return (result, aux) if has_aux else result
+
+
+def _jvp(evaluate: Callable, x0: list[jax.Array], v: list[jax.Array]):
+    try:
+        return jax.jvp(evaluate, (x0,), (v,), has_aux=True)
+    except TypeError as error:
+        if "custom_vjp" not in str(error):
+            raise
+        raise ValueError(
+            'method="jvp" differentiates the gradient in forward mode, and the loss uses a '
+            "jax.custom_vjp function that JAX cannot differentiate in forward mode (JAX: "
+            f'{str(error).splitlines()[0]}). Use method="forward" (or "central"): finite '
+            "differences of gradients need reverse mode only."
+        ) from None
+
+
+def _hessian_vector_product(
+    grad_fn: GradFn,
+    params: PyTree,
+    vector: PyTree,
+    *,
+    method: str,
+    eps: float | jax.Array,
+    grads: PyTree | None,
+    has_aux: bool,
+) -> tuple[PyTree, Any, list[jax.Array] | None]:
+    """:func:`hessian_vector_product`, and ``grad_fn(params)``'s floating leaves where computed.
+
+    The third result is the gradient at ``params`` when this computation evaluated it anyway
+    (the primal output of ``"jvp"``, the base point of ``"forward"`` without ``grads``), in the
+    compute dtypes, else None: what run-time checks compare the incoming gradient with.
     """
     _check_method(method)
     _check_number("eps", eps, positive=True)
@@ -253,8 +400,9 @@ def hessian_vector_product(
         out, aux = out if has_aux else (out, None)
         return floating_part(out, "the output of grad_fn"), aux
 
+    base_out = None
     if method == "jvp":
-        _, product, aux = jax.jvp(evaluate, (x0,), (v,), has_aux=True)
+        base_out, product, aux = _jvp(evaluate, x0, v)
     else:
         norm = _global_norm(v)
         nonzero = norm > 0
@@ -272,6 +420,7 @@ def hessian_vector_product(
             )
             given = grads is not None and not upcast
             base = floating_part(grads, "grads") if given else evaluate(x0)[0]
+            base_out = None if given else base
             ahead, aux = evaluate(shifted(1.0))
             diff = [a - b for a, b in zip(ahead, base, strict=True)]
         else:  # central
@@ -284,8 +433,7 @@ def hessian_vector_product(
     leaves = [jnp.zeros_like(leaf) for leaf in param_leaves]
     for i, leaf in zip(floating, product, strict=True):
         leaves[i] = leaf
-    result = jax.tree.unflatten(treedef, leaves)
-    return (result, aux) if has_aux else result
+    return jax.tree.unflatten(treedef, leaves), aux, base_out
 
 
 def penalized_gradient(
@@ -324,7 +472,8 @@ def penalized_gradient(
       params: the current parameters.
       grads: ``grad_fn(params)``.
       strength: weight of ``g`` in ``v``, a scalar >= 0.
-      learning_rate: the optimizer's learning rate at this step, a scalar > 0.
+      learning_rate: the optimizer's learning rate at this step, a scalar >= 0 (0: no
+        penalty, as at the start of a warmup). Traced values are not checked here.
       method: ``"forward"``, ``"central"`` or ``"jvp"``.
       eps: L2 length of the finite-difference step.
       full_grads: a second vector for ``v`` (the full-batch gradient in the reference's
@@ -338,9 +487,47 @@ def penalized_gradient(
       ``g'`` shaped like ``grads``; with ``has_aux``, ``(g', aux)`` where ``aux`` comes from the
       perturbed evaluations as described in :func:`hessian_vector_product`.
     """
+    result, aux, _ = _penalized_gradient(
+        grad_fn,
+        params,
+        grads,
+        strength=strength,
+        learning_rate=learning_rate,
+        method=method,
+        eps=eps,
+        full_grads=full_grads,
+        full_strength=full_strength,
+        forward_base=forward_base,
+        has_aux=has_aux,
+    )
+    return (result, aux) if has_aux else result
+
+
+def _penalized_gradient(
+    grad_fn: GradFn,
+    params: PyTree,
+    grads: PyTree,
+    *,
+    strength: float | jax.Array,
+    learning_rate: float | jax.Array,
+    method: str,
+    eps: float | jax.Array,
+    full_grads: PyTree | None = None,
+    full_strength: float | jax.Array | None = None,
+    forward_base: PyTree | None = None,
+    has_aux: bool = False,
+    guard: Callable[[list[jax.Array] | None], Any] | None = None,
+) -> tuple[PyTree, Any, list[jax.Array] | None]:
+    """:func:`penalized_gradient` with the callers' run-time checks.
+
+    ``guard(base)`` receives the gradient at ``params`` where the product computed it anyway
+    (see :func:`_hessian_vector_product`; None otherwise) and returns a traced boolean "failed"
+    (from :func:`_fail_if`) or False; a failure makes the added term NaN, which keeps the
+    check's callback in the program. Returns ``(g', aux, base)``.
+    """
     _check_number("strength", strength, positive=False)
     _check_number("full_strength", full_strength, positive=False)
-    _check_number("learning_rate", learning_rate, positive=True)
+    _check_number("learning_rate", learning_rate, positive=False)
     uses_full = _uses_full_gradient(full_strength)
     if uses_full and full_grads is None:
         raise ValueError(
@@ -362,11 +549,13 @@ def penalized_gradient(
         )
     params_like = _match_structure(params, grads, "params")
     base = (grads if forward_base is None else forward_base) if method == "forward" else None
-    out = hessian_vector_product(
+    product, aux, computed = _hessian_vector_product(
         grad_fn, params_like, vector, method=method, eps=eps, grads=base, has_aux=has_aux
     )
-    product, aux = out if has_aux else (out, None)
     coef = jnp.asarray(learning_rate) / 4
+    failed = False if guard is None else guard(computed)
+    if failed is not False:
+        coef = jnp.where(failed, jnp.nan, coef)
 
     def add(g, h):
         if not _is_float(g):
@@ -374,4 +563,4 @@ def penalized_gradient(
         return (jnp.asarray(g).astype(h.dtype) + coef.astype(h.dtype) * h).astype(g.dtype)
 
     result = jax.tree.map(add, grads, _match_structure(product, grads, "the product"))
-    return (result, aux) if has_aux else result
+    return result, aux, computed

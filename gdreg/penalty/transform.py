@@ -3,6 +3,12 @@
 Geiping et al. (ICLR 2022, arXiv 2109.14119): ``g' = g + lr_t / 4 * H_B (strength_t * g)`` for
 the gradient ``g`` of one batch (block) ``B``; ``penalty_grad_fn`` is passed to ``update`` as an
 extra argument, the pattern of ``optax.contrib.sam``.
+
+The transformation trusts its input to be the raw gradient of the batch that
+``penalty_grad_fn`` differentiates; by default it verifies that once per run (see ``check``),
+because every way of breaking it (clipping, weight decay or an optimizer before it,
+``optax.MultiSteps`` around it, another batch or other dropout masks in ``penalty_grad_fn``, a
+missing cross-device mean) gives a wrong penalty without any other sign.
 """
 
 from __future__ import annotations
@@ -21,21 +27,30 @@ from gdreg.penalty.hessian import (
     _at_step,
     _check_method,
     _check_number,
+    _compute_dtype,
     _contains_masked_node,
+    _either,
+    _fail_if,
     _global_norm,
     _is_float,
     _is_python_number,
+    _is_traced,
     _match_structure,
     _mean_over,
+    _penalized_gradient,
+    _rate_error,
     _uses_full_gradient,
     _varying,
-    penalized_gradient,
 )
 
 #: Relative difference between ``penalty_grad_fn(params)`` and the incoming gradient above which
-#: ``gradient_norm_penalty(check=True)`` raises. Recomputing the same gradient in float32 agrees
-#: to ~1e-6; a different batch, a clipped or decayed gradient differ by far more.
+#: the check raises (or 4 ulps of the incoming gradient's dtype, if larger: bfloat16 gradients
+#: are rounded copies). Recomputing the same gradient in float32 agrees to ~1e-6; a different
+#: batch, a clipped or decayed gradient differ by far more.
 CHECK_TOLERANCE = 1e-3
+
+#: Values of ``gradient_norm_penalty(check=...)``; True means "always", False "never".
+CHECKS: tuple[str, ...] = ("first", "always", "never")
 
 
 class GradientNormPenaltyState(NamedTuple):
@@ -49,16 +64,45 @@ class GradientNormPenaltyState(NamedTuple):
     count: jax.Array
 
 
-def _raise_on_mismatch(relative_difference: Any) -> None:
-    if not float(relative_difference) <= CHECK_TOLERANCE:
-        raise ValueError(
-            "gradient_norm_penalty(check=True): penalty_grad_fn(params) differs from the "
-            f"incoming gradient by {float(relative_difference):.3g} (relative). The penalty must "
-            "see the raw gradient of the same loss on the same batch at the same parameters: "
-            "put it first in the chain (before clipping, weight decay, an optimizer or "
-            "MultiSteps), build penalty_grad_fn on the same batch (with the same dropout "
-            "masks), and under data parallelism average the incoming gradient over devices."
-        )
+def _mismatch_message(relative_difference: float) -> str:
+    return (
+        "gradient_norm_penalty: penalty_grad_fn(params) differs from the incoming gradient by "
+        f"{relative_difference:.3g} (relative), so the penalty would be wrong. It must see the "
+        "raw gradient of the same loss on the same batch at the same parameters: put it first "
+        "in the chain (before clipping, weight decay, an optimizer), not inside "
+        "optax.MultiSteps, build penalty_grad_fn on the same batch (with the same dropout "
+        "masks), and under data parallelism average the incoming gradient over the devices "
+        "and pass axis_name. Simplest: gdreg.value_and_penalized_grad, which needs no "
+        "penalty_grad_fn. (check=False turns this check off.)"
+    )
+
+
+def _check_mode(check: bool | str) -> str:
+    if check is True or check is False:
+        return "always" if check else "never"
+    if check not in CHECKS:
+        raise ValueError(f"check must be True, False or one of {CHECKS}, got check={check!r}")
+    return check
+
+
+def _floating_leaves(tree: PyTree, updates: PyTree, floating: list[int], what: str) -> list:
+    leaves = jax.tree.leaves(_match_structure(tree, updates, what))
+    return [jnp.asarray(leaves[i]) for i in floating]
+
+
+def _mismatch(recomputed: list[jax.Array], incoming: list[jax.Array]) -> Any:
+    """A failure flag (see ``_fail_if``) for a recomputed gradient unlike the incoming one."""
+    if not incoming:
+        return False
+    dtypes = [_compute_dtype(r, i) for r, i in zip(recomputed, incoming, strict=True)]
+    difference = _global_norm(
+        [(r.astype(d) - i.astype(d)) for r, i, d in zip(recomputed, incoming, dtypes, strict=True)]
+    )
+    scale = _global_norm([i.astype(d) for i, d in zip(incoming, dtypes, strict=True)])
+    relative = difference / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
+    coarsest = max(float(jnp.finfo(i.dtype).eps) for i in incoming)
+    tolerance = max(CHECK_TOLERANCE, 4 * coarsest)
+    return _fail_if(~(relative <= tolerance), _mismatch_message, relative)
 
 
 def _from_sam_convention(grad_fn: Callable[[PyTree, int], PyTree], params: PyTree) -> GradFn:
@@ -83,13 +127,14 @@ def gradient_norm_penalty(
     method: str = "forward",
     full_strength: float | None = None,
     axis_name: str | None = None,
-    check: bool = False,
+    check: bool | str = "first",
     read_sam_grad_fn: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Adds the gradient of an explicit gradient-norm penalty to the gradient of one batch.
 
     For the gradient ``g = grad L_B(theta)`` of a loss on one batch (block) ``B`` this returns
-    :func:`penalized_gradient`, following Geiping et al. (ICLR 2022, arXiv 2109.14119)::
+    :func:`gdreg.penalty.hessian.penalized_gradient`, following Geiping et al. (ICLR 2022,
+    arXiv 2109.14119)::
 
         v  = strength_t * g  [+ full_strength * full_grads]
         g' = g + (lr_t / 4) * H_B v          = grad [L_B + strength_t * lr_t / 8 * ||grad L_B||^2]
@@ -98,64 +143,78 @@ def gradient_norm_penalty(
 
     Correct only as the FIRST transformation, fed the raw gradient ``g`` of the batch whose
     gradient ``penalty_grad_fn`` computes: ``"forward"`` differences use the incoming update
-    as their base point and perturb along it. Placed after clipping, weight decay, an optimizer,
-    inside ``optax.MultiSteps``, or with ``penalty_grad_fn`` built on another batch, other
-    dropout masks, or without the cross-device mean, it computes a wrong penalty without any
-    error. ``check=True`` detects that (one extra gradient evaluation per step); the safe
-    alternative is :func:`value_and_penalized_grad`, which needs no ``penalty_grad_fn``.
+    as their base point, and every method perturbs along it. Placed after clipping, weight
+    decay or an optimizer, inside ``optax.MultiSteps``, or with ``penalty_grad_fn`` built on
+    another batch, other dropout masks, or without the cross-device mean, it would compute a
+    wrong penalty; the default ``check="first"`` stops that at the first update with one
+    gradient evaluation per run. :func:`gdreg.value_and_penalized_grad` needs none of this.
 
-    Works with ``optax.inject_hyperparams`` (traced hyperparameters are not validated), with
-    schedules for ``learning_rate`` and ``strength``, and in one chain with
-    ``optax.contrib.sam``, which rejects any keyword but its own ``grad_fn(params, i)``: with
-    ``read_sam_grad_fn=True`` this transformation reads that one, as ``grad_fn(params, 0)``
-    (the batch of the incoming gradient, as in sam's usual ``lambda p, _: grad(loss)(p,
-    batch)``). It cannot run inside ``optax.masked``, which hides the unmasked parameters that
-    ``penalty_grad_fn`` needs, and says so. Its state is a step counter only, so it can be used
-    inside ``jax.vmap`` over blocks with the state and the parameters unbatched.
+    Works with ``optax.inject_hyperparams`` (traced hyperparameters are checked at run time:
+    a negative or non-finite rate or strength is an error), with schedules for
+    ``learning_rate`` and ``strength``, and in one chain with ``optax.contrib.sam``, which
+    rejects any keyword but its own ``grad_fn(params, i)``: with ``read_sam_grad_fn=True`` this
+    transformation reads that one, as ``grad_fn(params, 0)`` (the batch of the incoming
+    gradient, as in sam's usual ``lambda p, _: grad(loss)(p, batch)``). It cannot run inside
+    ``optax.masked``, which hides the unmasked parameters that ``penalty_grad_fn`` needs, and
+    says so. Its state is a step counter only, so it can be used inside ``jax.vmap`` over
+    blocks with the state and the parameters unbatched.
 
     Args:
-      learning_rate: the optimizer's learning rate ``lr_t``, a float > 0 or the same schedule;
-        required, since the penalty's size is proportional to it. To follow a rate changed at
-        run time, wrap this transformation (or the whole chain) in ``optax.inject_hyperparams``.
+      learning_rate: the optimizer's learning rate ``lr_t``, a float >= 0 (0: no penalty) or
+        the same schedule; required, since the penalty's size is proportional to it. To follow
+        a rate changed at run time, wrap this transformation (or the whole chain) in
+        ``optax.inject_hyperparams``.
       strength: weight ``>= 0`` of the batch gradient in ``v`` (float or schedule); 0.5 is the
         paper's, 2 is SGD's implicit regularizer.
       eps: L2 length ``> 0`` of the finite-difference step.
-      method: ``"forward"``, ``"central"`` or ``"jvp"`` (:func:`hessian_vector_product`).
+      method: ``"forward"`` (the paper's, default: this transformation is the building block
+        of the paper's per-block penalty), ``"central"`` or ``"jvp"`` (exact,
+        :func:`gdreg.penalty.hessian.hessian_vector_product`).
       full_strength: weight ``>= 0`` of ``full_grads`` in ``v``; None (the paper's setting,
         and the default) or 0 leaves ``full_grads`` out.
       axis_name: under ``shard_map``/``pmap`` with the batch split over this axis: the
         gradients at perturbed parameters are averaged over it, as the incoming gradient must be.
-      check: recompute ``penalty_grad_fn(params)`` and raise if it differs from the incoming
-        gradient by more than ``CHECK_TOLERANCE`` (relative); under ``jit`` the error arrives
-        as a runtime error from a ``jax.debug.callback``. The recomputed gradient is then the
-        base point of forward differences.
+      check: whether to verify that ``penalty_grad_fn(params)`` equals the incoming gradient
+        (relative difference at most ``CHECK_TOLERANCE``) and that traced rates and strengths
+        are finite and ``>= 0``. ``"first"`` (default): at the first update (step count 0),
+        one extra gradient evaluation per run; with ``"jvp"`` at every update, for free (the
+        product's forward-over-reverse pass computes that gradient anyway). ``"always"`` (or
+        True): at every update, one extra gradient evaluation each with finite differences,
+        whose base point is then the recomputed gradient. ``"never"`` (or False): no checks
+        (gdreg's engine, which calls this per block). A failure raises ``ValueError`` with the
+        fix; under ``jit`` it reaches the caller as a ``JaxRuntimeError`` ending in that
+        message (a compiled program can only stop through a host callback).
       read_sam_grad_fn: without ``penalty_grad_fn``, read ``optax.contrib.sam``'s
         ``grad_fn(params, i)`` as ``grad_fn(params, 0)``; otherwise a ``grad_fn`` is an error.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
-      penalty_grad_fn=None, grad_fn=None, full_grads=None, **extra_args)`` needs ``params`` and
-      ``penalty_grad_fn`` (parameters -> gradient of the same loss on the same batch; or, with
-      ``read_sam_grad_fn``, sam's ``grad_fn``) and, when ``full_strength`` is not None or 0,
-      ``full_grads``; other keyword arguments are ignored. With a Python-number
-      ``strength == 0`` and no ``full_strength`` it returns the gradients unchanged without
-      calling ``penalty_grad_fn``.
+      penalty_grad_fn=None, grad_fn=None, full_grads=None, penalty_check=None,
+      **extra_args)`` needs ``params`` and ``penalty_grad_fn`` (parameters -> gradient of the
+      same loss on the same batch; or, with ``read_sam_grad_fn``, sam's ``grad_fn``) and,
+      when ``full_strength`` is not None or 0, ``full_grads``; ``penalty_check=False`` skips
+      the checks for this call (the engine passes it); other keyword arguments are ignored.
+      With a Python-number ``strength == 0`` (and no ``full_strength``) or
+      ``learning_rate == 0`` it returns the gradients unchanged without calling
+      ``penalty_grad_fn``.
 
     Raises:
-      ValueError: at construction for an unknown ``method``, a negative ``strength`` or
-        ``full_strength``, ``learning_rate <= 0`` or ``eps <= 0``; at update time when
-        ``penalty_grad_fn``, ``params`` or a needed ``full_grads`` is missing, for a ``grad_fn``
-        without ``read_sam_grad_fn``, or inside ``optax.masked``.
+      ValueError: at construction for an unknown ``method`` or ``check``, a negative
+        ``strength``, ``full_strength`` or ``learning_rate``, or ``eps <= 0``; at update time
+        when ``penalty_grad_fn``, ``params`` or a needed ``full_grads`` is missing, for a
+        ``grad_fn`` without ``read_sam_grad_fn``, inside ``optax.masked``, and for a failed
+        check.
       TypeError: for a hyperparameter that is not a number, an array or a schedule.
     """
     _check_method(method)
     _check_number("eps", eps, positive=True)
     _check_number("strength", strength, positive=False)
     _check_number("full_strength", full_strength, positive=False)
-    _check_number("learning_rate", learning_rate, positive=True)
+    _check_number("learning_rate", learning_rate, positive=False)
+    mode = _check_mode(check)
     inactive = (
         _is_python_number(strength) and strength == 0 and not _uses_full_gradient(full_strength)
-    )
+    ) or (_is_python_number(learning_rate) and learning_rate == 0)
 
     def init_fn(params: PyTree) -> GradientNormPenaltyState:
         del params
@@ -169,6 +228,7 @@ def gradient_norm_penalty(
         penalty_grad_fn: GradFn | None = None,
         grad_fn: Callable[[PyTree, int], PyTree] | None = None,
         full_grads: PyTree | None = None,
+        penalty_check: bool | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, GradientNormPenaltyState]:
         new_state = GradientNormPenaltyState(count=optax.safe_increment(state.count))
@@ -191,7 +251,10 @@ def gradient_norm_penalty(
         if penalty_grad_fn is None:
             raise ValueError(
                 "penalty_grad_fn is required: pass penalty_grad_fn=<params -> gradient of the "
-                "same loss on the same batch> to update()"
+                "same loss on the same batch> to update(). Flax's TrainState.apply_gradients "
+                "does not pass it on (it takes every keyword for a field of the state): use "
+                "gdreg.PenaltyTrainState, whose apply_gradients forwards it to tx.update; with "
+                "nnx.Optimizer, optimizer.update(model, grads, penalty_grad_fn=...) does."
             )
         if params is None:
             raise ValueError("params is required by gradient_norm_penalty's update()")
@@ -201,36 +264,109 @@ def gradient_norm_penalty(
                 p = _varying(p, axis_name)
             return _mean_over(penalty_grad_fn(p), axis_name)
 
-        recomputed = None
-        if check:
-            recomputed = _match_structure(grad_at(params), updates, "penalty_grad_fn(params)")
-            floats = [
-                (jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
-                for a, b in zip(jax.tree.leaves(recomputed), jax.tree.leaves(updates), strict=True)
-                if _is_float(b)
-            ]
-            difference = _global_norm([a - b for a, b in floats])
-            scale = _global_norm([b for _, b in floats])
-            relative = difference / jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)
-            if isinstance(relative, jax.core.Tracer):
-                jax.debug.callback(_raise_on_mismatch, relative)
+        if _uses_full_gradient(full_strength) and full_grads is None:
+            raise ValueError(
+                f"full_grads is required when full_strength={full_strength!r} is not 0: pass "
+                "full_grads=<the second vector> to update()"
+            )
+        lr_t = _at_step(learning_rate, state.count, "learning_rate")
+        strength_t = _at_step(strength, state.count, "strength")
+        checking = mode != "never" and penalty_check is not False
+        forward_base = None
+        failed: Any = False
+        guard = None
+        if checking:
+            params_like = _match_structure(params, updates, "params")
+            floating = [i for i, p in enumerate(jax.tree.leaves(params_like)) if _is_float(p)]
+            incoming = _floating_leaves(updates, updates, floating, "the incoming gradient")
+            for name, value in (("learning_rate", lr_t), ("strength", strength_t)):
+                if _is_traced(value):
+                    bad = ~(jnp.isfinite(value) & (value >= 0))
+                    failed = _either(failed, _fail_if(bad, _rate_error(name), value))
+            param_leaves = jax.tree.leaves(params_like)
+            # As hessian_vector_product decides whether it recomputes the forward base.
+            upcast = any(
+                jnp.result_type(param_leaves[i])
+                != jnp.promote_types(_compute_dtype(param_leaves[i]), _compute_dtype(g))
+                for i, g in zip(floating, incoming, strict=True)
+            )
+            if method == "jvp" or (method == "forward" and upcast):
+                # The product computes penalty_grad_fn(params) anyway (the primal output of
+                # "jvp"; forward differences at upcast bfloat16/float16 parameters recompute
+                # their base): compare it at every update, for free.
+                guard = lambda base: _either(failed, _mismatch(base, incoming))  # noqa: E731
             else:
-                _raise_on_mismatch(relative)
+                recomputed, failed = _recompute(
+                    grad_at, params, updates, floating, incoming, state.count, mode, failed
+                )
+                if method == "forward" and recomputed is not None:
+                    # The recomputed gradient is the base of forward differences, so a
+                    # mismatch below the tolerance is not amplified by the division by eps_n.
+                    leaves, treedef = jax.tree.flatten(updates)
+                    for i, leaf in zip(floating, recomputed, strict=True):
+                        leaves[i] = leaf
+                    forward_base = jax.tree.unflatten(treedef, leaves)
+        if guard is None and failed is not False:
+            guard = lambda base: failed  # noqa: E731
 
-        new_updates = penalized_gradient(
+        new_updates, _, _ = _penalized_gradient(
             grad_at,
             params,
             updates,
-            strength=_at_step(strength, state.count, "strength"),
-            learning_rate=_at_step(learning_rate, state.count, "learning_rate"),
+            strength=strength_t,
+            learning_rate=lr_t,
             method=method,
             eps=eps,
             full_grads=full_grads,
             full_strength=full_strength,
-            # With the check, the base of forward differences is the recomputed gradient, so a
-            # mismatch below the tolerance is not amplified by the division by eps_n.
-            forward_base=recomputed,
+            forward_base=forward_base,
+            guard=guard,
         )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _recompute(
+    grad_at: GradFn,
+    params: PyTree,
+    updates: PyTree,
+    floating: list[int],
+    incoming: list[jax.Array],
+    count: jax.Array,
+    mode: str,
+    failed: Any,
+) -> tuple[list[jax.Array] | None, Any]:
+    """``penalty_grad_fn(params)``'s floating leaves, compared with the incoming ones.
+
+    With ``mode="first"`` only at step count 0 (``lax.cond`` when the count is traced, so the
+    gradient is evaluated at the first update only); elsewhere the incoming leaves come back.
+    Returns ``(leaves or None, failure flag)``.
+    """
+
+    def recompute():
+        # At float32 copies of bfloat16/float16 parameters, as the penalty's own evaluations.
+        upcast = jax.tree.map(lambda p: p.astype(_compute_dtype(p)) if _is_float(p) else p, params)
+        leaves = _floating_leaves(grad_at(upcast), updates, floating, "penalty_grad_fn(params)")
+        leaves = [r.astype(_compute_dtype(i)) for r, i in zip(leaves, incoming, strict=True)]
+        return leaves, _mismatch(leaves, incoming)
+
+    if mode == "always":
+        leaves, mismatch = recompute()
+        return leaves, _either(failed, mismatch)
+    if not _is_traced(count):
+        if int(count) != 0:
+            return None, failed
+        leaves, mismatch = recompute()
+        return leaves, _either(failed, mismatch)
+
+    def later():
+        leaves = [i.astype(_compute_dtype(i)) for i in incoming]
+        return leaves, jnp.zeros((), jnp.bool_)
+
+    def first():
+        leaves, mismatch = recompute()
+        return leaves, jnp.asarray(mismatch)
+
+    leaves, mismatch = jax.lax.cond(count == 0, first, later)
+    return leaves, _either(failed, mismatch)

@@ -235,6 +235,7 @@ def make_optimizer(
             eps=config.penalty.eps,
             method=config.penalty.method,
             full_strength=config.penalty.full_strength,
+            check=False,  # the engine's blocks are right by construction (and it says so per call)
         )
     if optim.batch_clip > 0:
         # After the penalty, as the reference clips gradreg's output.
