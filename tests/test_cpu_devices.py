@@ -26,8 +26,10 @@ import jax
 from gdreg.program import distributed
 if touch_jax_first:
     jax.devices()
-applied = distributed.configure_cpu_devices(distributed.cpu_devices_for(requested,
-fullbatch=fullbatch)) print(applied, jax.device_count())
+applied = distributed.configure_cpu_devices(
+    distributed.cpu_devices_for(requested, fullbatch=fullbatch)
+)
+print(applied, jax.device_count())
 """
 
 

@@ -123,8 +123,8 @@ def test_the_float64_reference_is_float64_from_the_uint8_images(monkeypatch):
     batches = []
     make_engine = experiment.make_engine
 
-    def recording(config, model, train_batch, penalty, mesh):
-        engine = make_engine(config, model, train_batch, penalty, mesh)
+    def recording(config, model, train_batch, penalty, mesh, *args):
+        engine = make_engine(config, model, train_batch, penalty, mesh, *args)
         data = {"images": run_data.train_images, "labels": run_data.train_labels}
         inputs, _ = jax.jit(train_batch)(data, np.arange(8, dtype=np.int32), 0)
         batches.append(np.asarray(inputs))

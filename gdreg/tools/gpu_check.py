@@ -57,12 +57,20 @@ from gdreg.penalty.transform import gradient_norm_penalty
 from gdreg.program import cli, exitcodes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("allow_cpu", False, "Run where JAX sees no GPU, at toy sizes.")
-flags.DEFINE_string("peer", None, "Folder with reference_step.py and fullbatch/models.")
-flags.DEFINE_float("budget_seconds", 60.0, "Loop-shape timing budget, over both dtypes.")
-flags.DEFINE_integer("steps", 2, "Timed steps (SGD: epochs) after the compiling one.")
-flags.DEFINE_integer("images", 0, "Training images (0: 50,000; 64 with --allow_cpu).")
-flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes to time.")
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: its functions are used as a
+    library by the tests, beside other gdreg commands that define flags of the same names)."""
+    if "allow_cpu" in FLAGS:
+        return
+    flags.DEFINE_bool("allow_cpu", False, "Run where JAX sees no GPU, at toy sizes.")
+    flags.DEFINE_string("peer", None, "Folder with reference_step.py and fullbatch/models.")
+    flags.DEFINE_float("budget_seconds", 60.0, "Loop-shape timing budget, over both dtypes.")
+    flags.DEFINE_integer("steps", 2, "Timed steps (SGD: epochs) after the compiling one.")
+    flags.DEFINE_integer("images", 0, "Training images (0: 50,000; 64 with --allow_cpu).")
+    flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes to time.")
+
 
 #: The regularized step's settings beside the config file's row (README "Performance").
 BLOCK_SIZE = 128
@@ -480,6 +488,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point (``python -m gdreg.tools.gpu_check``)."""
+    _define_flags()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
 
 
