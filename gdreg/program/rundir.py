@@ -140,11 +140,10 @@ def make_workdir(workdir: str) -> None:
     Raises :class:`RunDirError` when ``workdir`` is a file, lies below one, or cannot be
     created (permissions, a read-only or full file system).
     """
-    if os.path.isdir(workdir):
-        return
     try:
-        os.makedirs(workdir)
-    except FileExistsError:
+        # exist_ok: every process of a run makes it, and on a shared file system one wins
+        os.makedirs(workdir, exist_ok=True)
+    except FileExistsError:  # with exist_ok: it exists and is not a directory
         raise RunDirError(
             f"{workdir} is a file, not a directory: pass a directory as workdir"
         ) from None
