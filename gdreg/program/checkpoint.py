@@ -74,8 +74,12 @@ def has_checkpoints(workdir: str) -> bool:
 def saved_steps(workdir: str) -> list[int]:
     """The epochs of the step folders in ``workdir/checkpoints`` (complete or not), newest
     first; read without orbax, which may clean up on opening."""
+    return _steps_in(os.path.join(workdir, CHECKPOINT_DIR))
+
+
+def _steps_in(directory: str) -> list[int]:
     try:
-        names = os.listdir(os.path.join(workdir, CHECKPOINT_DIR))
+        names = os.listdir(directory)
     except OSError:
         return []
     return sorted((int(name) for name in names if name.isdigit()), reverse=True)
@@ -416,8 +420,8 @@ def _write_failure(
             shutil.rmtree(partial, ignore_errors=True)
     # What a checkpoint of this run takes: as much as the newest complete one; without one,
     # more than the state's arrays (metadata, and whole blocks of the file system).
-    steps = [step for step in manager.all_steps() if step != epoch]
-    needed = _folder_size(os.path.join(directory, str(max(steps)))) if steps else 0
+    steps = [step for step in _steps_in(directory) if step != epoch]  # the manager is closed
+    needed = _folder_size(os.path.join(directory, str(steps[0]))) if steps else 0
     needed_is = "a checkpoint of this run takes about"
     if not needed:
         needed = sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(state))
