@@ -723,8 +723,9 @@ def _in_namespace(
     [
         # the whole run directory: the first write that finds no room ends the run
         ("", "16k", ""),
-        # the checkpoints: the first fits, the second (epoch 4) does not
-        ("checkpoints", "200k", "the checkpoint of epoch 4"),
+        # the checkpoints: the first fits, the second (epoch 4) does not (orbax's checkpoints
+        # of this run take 90 to 120 KiB: the number of data files varies)
+        ("checkpoints", "160k", "the checkpoint of epoch "),
     ],
 )
 def test_a_full_disk_is_one_error_line_and_a_rerun_with_room_finishes(

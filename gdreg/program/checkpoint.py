@@ -62,6 +62,9 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     # background threads report through logging, which save() holds back.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    # A failed read reports already while orbax still tries (each layout of _restore): the
+    # filter must be in place before the first read or write.
+    _drop_orbax_leftover_reports()
     with rundir.writing(directory, what="the checkpoint folder"):
         return ocp.CheckpointManager(directory, options=options)
 
@@ -156,7 +159,7 @@ def restore_latest(
             candidate, reason = _restore(manager, step, template, mesh, first_step), ""
         except Exception as error:  # orbax raises many kinds of error for a damaged file
             candidate, reason = None, " ".join(f"{type(error).__name__}: {error}".split())[:200]
-            _drop_closed_loop_reports()
+            _drop_orbax_leftover_reports()
             mismatch = _mismatch(manager, step, template)
         if distributed.all_processes(candidate is not None):
             state = candidate
@@ -324,7 +327,7 @@ def save(
         except Exception as error:  # orbax and tensorstore wrap the system's error their way
             # The one-line error replaces orbax's reports of the same failure (one traceback
             # per background thread, some still running), which are dropped.
-            _drop_closed_loop_reports()
+            _drop_orbax_leftover_reports()
             logging.getLogger("asyncio").addFilter(_unretrieved_future)
             close(manager)
             _wait_for_threads(threads, seconds=30.0)
@@ -345,21 +348,43 @@ def close(manager: ocp.CheckpointManager) -> None:
             held.clear()
 
 
-def _drop_closed_loop_reports() -> None:
-    """After a failed read or write, tensorstore's pending callbacks find orbax's event loop
-    closed, and each reports ``RuntimeError: Event loop is closed`` with a traceback through
-    ``sys.unraisablehook``, possibly long after the failure: from the first failure on, such
-    reports are dropped (the failure itself is reported once, by the caller)."""
+def _drop_orbax_leftover_reports() -> None:
+    """Drops, for good, what orbax's failed reads and writes leave to ``sys.unraisablehook``:
+    ``RuntimeError: Event loop is closed`` (tensorstore's pending callbacks find orbax's event
+    loop closed, possibly long after the failure) and exceptions of orbax's coroutines that
+    nobody awaited any more, each with its traceback. The failure itself reaches the caller,
+    who reports it once in its own words. Installed once per process; every other report
+    passes."""
     previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_reports", False):
+    if getattr(previous, "drops_orbax_leftover_reports", False):
         return
 
     def hook(info):
-        if not (info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"):
+        closed_loop = (
+            info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"
+        )
+        if not (closed_loop or _raised_in_orbax(info)):
             previous(info)
 
-    hook.drops_closed_loop_reports = True
+    hook.drops_orbax_leftover_reports = True
     sys.unraisablehook = hook
+
+
+#: Where orbax's code lies, to recognize its unawaited coroutines' exceptions.
+_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
+
+
+def _raised_in_orbax(info: Any) -> bool:
+    """Whether an unraisable report (``sys.UnraisableHookArgs``) comes from orbax's code."""
+    code = getattr(info.object, "cr_code", None)  # a coroutine closed while it raised
+    if code is not None and code.co_filename.startswith(_ORBAX_DIR):
+        return True
+    frame = info.exc_traceback
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.startswith(_ORBAX_DIR):
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _unretrieved_future(record: logging.LogRecord) -> bool:
