@@ -10,12 +10,13 @@ One of several processes runs the training in a child process and watches it
 Exit codes (:mod:`gdreg.program.exitcodes`): 0 done; 2 a flag, config, dataset or run-directory
 error (one ``error:`` line; also: the processes got different configs, incomplete multi-process
 flags, the workdir is in use by another run, a resume with a changed config needs
-``--allow_config_change``, no checkpoint can be read); 3 training diverged; 4 not all
-processes joined within ``--initialization_timeout``; 75 preempted (SIGTERM/SIGINT/SIGHUP at any
-moment: a checkpoint was saved if a step had finished; rerun with the same ``--workdir``); 76
-another process of a multi-process run was lost (killed, crashed, stopped, or silent for
-``--heartbeat_timeout`` seconds; one ``error:`` line names it; rerun every process to resume
-from the last checkpoint); 128 + N killed by signal N.
+``--allow_config_change``, no checkpoint can be read, and the run directory cannot be written,
+e.g. a full disk: nothing written before is lost, and the line says where a rerun resumes); 3
+training diverged; 4 not all processes joined within ``--initialization_timeout``; 75
+preempted (SIGTERM/SIGINT/SIGHUP at any moment: a checkpoint was saved if a step had finished;
+rerun with the same ``--workdir``); 76 another process of a multi-process run was lost (killed,
+crashed, stopped, or silent for ``--heartbeat_timeout`` seconds; one ``error:`` line names it;
+rerun every process to resume from the last checkpoint); 128 + N killed by signal N.
 """
 
 from __future__ import annotations
@@ -132,13 +133,13 @@ def _train(stop: preemption.StopRequest) -> int:
     except (config.ConfigError, data.DatasetNotFoundError, rundir.RunDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_INPUT
-    except train.TrainingDivergedError as error:
-        print(
-            f"error: training diverged: {error}; the last good checkpoint in "
-            f"{FLAGS.workdir} is intact",
-            file=sys.stderr,
-        )
+    except train.TrainingDivergedError as error:  # the message says which checkpoint is kept
+        print(f"error: training diverged: {error}", file=sys.stderr)
         return exitcodes.DIVERGED
+    except OSError as error:  # a file the system refused that no check above foresaw
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return exitcodes.BAD_INPUT
     except train.Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr)
         return exitcodes.PREEMPTED

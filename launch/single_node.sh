@@ -16,7 +16,8 @@
 #                 otherwise `python` on PATH).
 #   XLA_PYTHON_CLIENT_MEM_FRACTION, XLA_FLAGS, ...  passed through to JAX as usual.
 #
-# Exit status is gdreg.main's: 0 done, 2 config/dataset error, 3 diverged, 75 stopped by
+# Exit status is gdreg.main's: 0 done, 2 config/dataset error or a run directory that cannot
+# be written (a full disk: free space and rerun to resume), 3 diverged, 75 stopped by
 # SIGTERM/SIGINT/SIGHUP after saving a checkpoint (rerun to resume).
 set -euo pipefail
 

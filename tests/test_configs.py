@@ -105,6 +105,12 @@ def test_paper_config_arguments():
         ("penalty.full_strength", -1.0),
         ("eval.batch_size", 0),
         ("checkpoint.keep", 0),
+        ("optim.lr", float("nan")),
+        ("optim.weight_decay", float("inf")),
+        ("penalty.eps", float("inf")),
+        ("analysis.flatness_threshold", float("inf")),
+        ("seed", 2**32 - 1),
+        ("model.dtype", "float8_e5m2"),
     ],
 )
 def test_validate_names_the_bad_field(field, value):
@@ -112,6 +118,19 @@ def test_validate_names_the_bad_field(field, value):
     config_lib.set_field(config, field, value)
     with pytest.raises(config_lib.ConfigError, match=re.escape(field)):
         experiment.validate(config)
+
+
+def test_a_run_whose_steps_overflow_the_step_counter_is_refused():
+    """10**6 epochs of 4096 single-image steps: more optimizer steps than int32 counts."""
+    config = config_lib.base_config()
+    config.data.name = "synthetic"
+    config.data.synthetic_shape = (4, 4, 1)
+    config.data.synthetic_train_size = 4096
+    config.train.mode = "stochastic"
+    config.train.batch_size = 1
+    config.train.epochs = 10**6
+    with pytest.raises(config_lib.ConfigError, match=r"^train\.epochs 1000000 takes 4096000000"):
+        experiment.build(config)
 
 
 def test_library_errors_are_blamed_on_the_field():

@@ -1,21 +1,27 @@
-"""Faults injected into real command-line runs: kills, damaged files, two runs, early SIGTERM.
+"""Faults injected into real command-line runs: kills, damaged files, two runs, early SIGTERM,
+full disks, unwritable or damaged run directories, bad input.
 
 Every run here is ``python -m gdreg.main`` on a tiny CNN and 8x8 synthetic images, 6 epochs with
 a checkpoint every 2. Each fault must end either in a run that finishes with exactly the metrics
 of the uninterrupted run, or in the documented one-line error with exit status 2 and nothing
-changed on disk.
+changed on disk (or, for a full disk, nothing lost: a rerun with room finishes the same run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -276,7 +282,10 @@ def test_sigterm_during_start_up_exits_75_and_a_rerun_finishes(whole, tmp_path, 
 # ----- every bad input: one line, exit 2, nothing written -----------------------------------------
 
 
-def _npz(tmp_path, **changes) -> str:
+def _npz(tmp_path, declared=None, **changes) -> str:
+    """An npz dataset with ``changes``; ``declared={key: (shape, dtype)}`` writes those arrays'
+    headers by hand, over the data of the unchanged array (what a damaged or forged file
+    declares)."""
     rng = np.random.default_rng(0)
     arrays = {
         "x_train": rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8),
@@ -284,8 +293,19 @@ def _npz(tmp_path, **changes) -> str:
         "x_test": rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
         "y_test": np.arange(16) % 4,
     }
+    arrays.update(changes)
     path = tmp_path / "data.npz"
-    np.savez(path, **{**arrays, **changes})
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, array in arrays.items():
+            buffer = io.BytesIO()
+            if key in (declared or {}):
+                shape, dtype = declared[key]
+                header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_1_0(buffer, header)
+                buffer.write(np.ascontiguousarray(array).tobytes())
+            else:
+                np.save(buffer, array)
+            archive.writestr(f"{key}.npy", buffer.getvalue())
     return f"--config.data.npz_path={path}"
 
 
@@ -301,9 +321,27 @@ BAD_INPUT = {
     "width": (["--config.model.width=0"], "model.width must be a positive number"),
     "model": (["--config.model.name=resnet7"], "model.name: unknown model 'resnet7'"),
     "dataset": (["--config.data.name=imagenet21k"], "data.name='imagenet21k'"),
-    "learning rate": (["--config.optim.lr=-0.1"], "optim.lr must be positive"),
+    "learning rate": (["--config.optim.lr=-0.1"], "optim.lr must be finite and positive"),
     "block size": (["--config.train.block_size=4096"], "train.block_size 4096 is larger"),
     "unexpected argument": (["extra"], "unexpected arguments: extra"),
+    # infinite numbers used to train (and then "diverge"), or to sleep in a far timing budget
+    "infinite lr": (["--config.optim.lr=inf"], "optim.lr must be finite and positive, got inf"),
+    "infinite decay": (
+        ["--config.optim.weight_decay=inf"],
+        "optim.weight_decay must be finite and >= 0, got inf",
+    ),
+    "infinite field": (
+        ["--config.train.autotune_seconds=inf"],
+        "train.autotune_seconds must be a finite number, got inf",
+    ),
+    # float8 and float4 train without learning; float64 without x64 ran as float32
+    "float8": (["--config.model.dtype=float8_e4m3fn"], "model.dtype must be one of"),
+    "float4": (["--config.model.dtype=float4_e2m1fn"], "model.dtype must be one of"),
+    "float64 without x64": (["--config.model.dtype=float64"], "needs JAX's 64-bit mode"),
+    # an OverflowError traceback; a negative seed was blamed on the data section
+    "seed 2**64": (["--config.seed=18446744073709551616"], "error: seed must be in 0..4294967294"),
+    "negative seed": (["--config.seed=-1"], "error: seed must be in 0..4294967294"),
+    "epochs": (["--config.train.epochs=2000000"], "train.epochs must be in 1..1000000"),
 }
 NPZ_INPUT = {
     "npz missing": ({}, "file not found"),
@@ -314,6 +352,53 @@ NPZ_INPUT = {
         "the test split is empty",
     ),
     "npz NaN pixels": ({"x_train": np.full((64, 8, 8, 3), np.nan)}, "NaN or infinite pixels"),
+    # a typo'd label built a 10**8-way output layer (killed for memory); 2**31 wrapped to a
+    # negative class (then "diverged"); 2**32 + 1 wrapped to class 1 and trained
+    "npz label 10**8": (
+        {"y_train": np.where(np.arange(64) == 17, 10**8, np.arange(64) % 4)},
+        "y_train[17] = 100000000, so the model would have 100000001 classes",
+    ),
+    "npz label 2**31": (
+        {"y_train": np.where(np.arange(64) == 5, 2**31, np.arange(64) % 4)},
+        "y_train[5] = 2147483648 is beyond int32",
+    ),
+    "npz label 2**32+1": (
+        {"y_train": np.where(np.arange(64) == 9, 2**32 + 1, np.arange(64) % 4)},
+        "y_train[9] = 4294967297 is beyond int32",
+    ),
+    "npz test label 10**8": (
+        {"y_test": np.where(np.arange(16) == 3, 10**8, np.arange(16) % 4)},
+        "the first y_test[3] = 100000000",
+    ),
+    # ids 1000..1003 built a 1004-way output layer
+    "npz label ids from 1000": (
+        {"y_train": np.arange(64) % 4 + 1000, "y_test": np.arange(16) % 4 + 1000},
+        "would have 1004 classes (0..1003), but only 4 of them occur in y_train",
+    ),
+    # numpy's ArrayMemoryError traceback
+    "npz declared images": (
+        {"declared": {"x_train": ((10**9, 32, 32, 3), np.uint8)}},
+        "x_train declares shape (1000000000, 32, 32, 3) uint8 (2.79 TiB), but its archive "
+        "member holds",
+    ),
+    "npz declared labels": (
+        {"declared": {"y_train": ((2**40,), np.int64)}},
+        "y_train declares shape (1099511627776,) int64 (8 TiB)",
+    ),
+    # floats divided by 255 twice became 1-bit images
+    "npz images / 255 twice": (
+        {"x_train": np.random.default_rng(0).uniform(0, 1, (64, 8, 8, 3)) / 255},
+        "divided by 255 twice?",
+    ),
+    # the README promises 1, 3 or 4 channels
+    "npz 2 channels": (
+        {"x_train": np.zeros((64, 8, 8, 2), np.uint8), "x_test": np.zeros((16, 8, 8, 2), np.uint8)},
+        "has 2 channels; images have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels",
+    ),
+    "npz 7 channels": (
+        {"x_train": np.zeros((64, 8, 8, 7), np.uint8), "x_test": np.zeros((16, 8, 8, 7), np.uint8)},
+        "has 7 channels",
+    ),
 }
 
 
@@ -538,3 +623,389 @@ print("not stopped")
     )
     assert result.stdout == "still running True\n", result.stderr[-3000:]
     assert result.returncode == -signal.SIGTERM
+
+
+# ----- the run directory: where it cannot be, what it must hold ----------------------------------
+
+
+def _errors(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_a_workdir_that_cannot_be_a_directory_is_one_error_line(tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory\n")
+    workdir = blocker if where == "a file" else blocker / "run"
+    expected = "is a file, not a directory" if where == "a file" else f"{blocker} is a file"
+    _assert_refused(run_main(main_command(workdir, *ARGS)), expected)
+    assert blocker.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("optim.lr", "0.8", "optim.lr is '0.8', and the field holds a float"),
+        ("model.name", 3, "model.name is 3, and the field holds a str"),
+        ("train.epochs", 6.0, "train.epochs is 6.0, and the field holds a int"),
+    ],
+)
+def test_a_config_json_of_wrong_types_is_one_error_line(whole, tmp_path, field, value, expected):
+    """config.json edited by hand (or by another program): a field of another type than the
+    schema's used to end in ml_collections' TypeError traceback."""
+    workdir = tmp_path / "run"
+    shutil.copytree(whole, workdir)
+    path = workdir / rundir.CONFIG_FILE
+    values = json.loads(path.read_text())
+    section, name = field.split(".")
+    values[section][name] = value
+    path.write_text(json.dumps(values))
+    before = snapshot(workdir)
+    _assert_refused(run_main(main_command(workdir, *ARGS)), f"config.json: {expected}")
+    assert snapshot(workdir) == before
+
+
+def test_a_read_only_workdir_is_one_error_line(whole, tmp_path):
+    """A run directory the process may not write ends before training with one line naming
+    the file it could not write: on a read-only mount the lock; for a user who is not root,
+    in a directory without write permission (whose lock file is still writable),
+    config.json."""
+    workdir = tmp_path / "run"
+    shutil.copytree(whole, workdir)
+    before = snapshot(workdir)
+    if os.geteuid() != 0:  # permissions hold for everyone but root
+        workdir.chmod(0o555)
+        try:
+            result = run_main(main_command(workdir, *ARGS))
+        finally:
+            workdir.chmod(0o755)
+        expected = f"cannot write to {workdir / rundir.CONFIG_FILE}: Permission denied"
+    else:  # root writes anywhere: mount the directory read-only in a namespace of its own
+        _require_namespaces()
+        script = f"mount --bind {workdir} {workdir} && mount -o remount,bind,ro {workdir}"
+        (result,) = _in_namespace(script, main_command(workdir, *ARGS))
+        expected = f"cannot create the lock file {workdir}/.lock: Read-only file system"
+    _assert_refused(result, expected)
+    assert "; nothing written before is lost: fix that and rerun" in _errors(result)[0]
+    after = snapshot(workdir)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
+
+
+# ----- config.json deleted, checkpoints kept -----------------------------------------------------
+
+
+def _without_checkpoint_6_and(whole, tmp_path, *deleted) -> Path:
+    workdir = tmp_path / "run"
+    shutil.copytree(whole, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    for name in deleted:
+        (workdir / name).unlink()
+    return workdir
+
+
+def test_without_config_json_the_checkpoints_config_is_checked(whole, tmp_path):
+    """config.json deleted: another learning rate used to resume silently; the checkpoints
+    carry the run's config, so the change is refused as it is with config.json, and the same
+    config resumes the same run (and writes config.json again)."""
+    workdir = _without_checkpoint_6_and(whole, tmp_path, rundir.CONFIG_FILE)
+    before = snapshot(workdir)
+    result = run_main(main_command(workdir, *ARGS, "--config.optim.lr=0.1"))
+    _assert_refused(
+        result, "differs from the config saved with the checkpoint of epoch 4 (optim.lr 0.8 -> 0.1)"
+    )
+    assert snapshot(workdir) == before
+    result = finish(workdir)
+    assert "checking this config against the config saved with the checkpoint of epoch 4" in (
+        result.stderr
+    )
+    assert metrics(workdir) == metrics(whole)
+    assert (workdir / rundir.CONFIG_FILE).read_text() == (whole / rundir.CONFIG_FILE).read_text()
+
+
+def test_a_lost_history_is_said_once(whole, tmp_path):
+    """config.json and metrics.jsonl deleted: the run resumes from its checkpoint, and says
+    that the epochs before it are gone from metrics.jsonl and TensorBoard."""
+    workdir = _without_checkpoint_6_and(whole, tmp_path, rundir.CONFIG_FILE, rundir.METRICS_FILE)
+    result = finish(workdir)
+    warnings = [line for line in result.stderr.splitlines() if "has no record of" in line]
+    assert len(warnings) == 1 and "has no record of epochs 1-4" in warnings[0], result.stderr
+    assert "missing from metrics.jsonl and TensorBoard" in warnings[0]
+    assert metrics(workdir) == metrics(whole)[4:]
+
+
+def _forget_carried_configs(workdir: Path) -> None:
+    """Checkpoints as gdreg wrote them before they carried the run's config."""
+    for path in (workdir / "checkpoints").glob("*/_CHECKPOINT_METADATA"):
+        values = json.loads(path.read_text())
+        values["custom_metadata"] = {}
+        path.write_text(json.dumps(values))
+
+
+def test_checkpoints_without_a_config_and_no_config_json_are_refused(whole, tmp_path):
+    workdir = _without_checkpoint_6_and(whole, tmp_path, rundir.CONFIG_FILE)
+    _forget_carried_configs(workdir)
+    before = snapshot(workdir)
+    result = run_main(main_command(workdir, *ARGS, "--config.optim.lr=0.1"))
+    _assert_refused(result, "they do not carry their config: there is nothing to check")
+    assert "--allow_config_change" in _errors(result)[0]
+    assert snapshot(workdir) == before
+
+
+def test_a_checkpoint_of_another_model_is_never_moved_aside(whole, tmp_path):
+    """A readable checkpoint that does not fit the config (here: no config to check first, and
+    another width) is not "damaged": the error says what does not fit and advises no restart
+    (which would move every good checkpoint aside), even with restart_if_damaged."""
+    workdir = _without_checkpoint_6_and(whole, tmp_path, rundir.CONFIG_FILE)
+    _forget_carried_configs(workdir)
+    before = snapshot(workdir)
+    command = main_command(
+        workdir,
+        *ARGS,
+        "--config.model.width=8",
+        "--config.checkpoint.restart_if_damaged=True",
+        "--allow_config_change",
+    )
+    result = run_main(command)
+    _assert_refused(result, "the checkpoint of epoch 4")
+    (error,) = _errors(result)
+    assert "does not fit this config: params/" in error and "has shape" in error
+    assert "restart_if_damaged" not in error
+    after = snapshot(workdir)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
+
+
+# ----- numbers at the edge -------------------------------------------------------------------------
+
+
+def test_a_divergence_before_any_checkpoint_says_there_is_none(tmp_path):
+    """The message used to say "the last good checkpoint ... is intact" with none written."""
+    workdir = tmp_path / "run"
+    result = run_main(
+        main_command(
+            workdir,
+            *ARGS,
+            "--config.optim.lr=10000",
+            "--config.optim.clip_norm=0",
+            "--config.penalty.strength=0",
+            "--config.optim.warmup_epochs=0",
+            "--config.checkpoint.every_epochs=0",
+        )
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    (error,) = _errors(result)
+    assert "training diverged" in error and "no checkpoint was written before it" in error
+    assert "intact" not in error and "Traceback" not in result.stderr
+    assert not os.listdir(workdir / "checkpoints")
+
+
+def test_a_huge_evaluation_batch_and_warmup_train(tmp_path):
+    """eval.batch_size=10**9 allocated 8 * 10**9 indices (MemoryError); warmup_epochs=10**9
+    built a table of 10**9 rates (it never finished). A batch beyond the test set is the test
+    set; the table of rates ends with the run."""
+    workdir = tmp_path / "run"
+    result = run_main(
+        main_command(
+            workdir,
+            *ARGS,
+            "--config.train.epochs=2",
+            "--config.eval.batch_size=1000000000",
+            "--config.optim.warmup_epochs=1000000000",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = rundir.read_metrics(workdir)
+    assert records[0]["lr"] == 0 and records[1]["lr"] == pytest.approx(0.8 / 10**9, rel=1e-6)
+    assert 0 <= records[-1]["test_accuracy"] <= 1
+
+
+# ----- full disks --------------------------------------------------------------------------------
+#
+# A full disk, for real: a small tmpfs mounted over the run directory (or a folder of it) in a
+# user and mount namespace of the test's own (``unshare --user --map-root-user --mount``, no root
+# needed where the kernel allows unprivileged user namespaces). Every writer then gets the very
+# error a full cluster file system gives, ENOSPC from write(2): Python's files, orbax's metadata
+# and tensorstore's threads alike. The mount lives as long as the namespace, so the commands of
+# one test run in one namespace, and the run directory is copied out before it ends.
+
+
+@functools.cache
+def _namespaces() -> str:
+    """Why this host cannot mount a tmpfs in a user namespace ("" when it can)."""
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = Path(__file__).parent  # any directory: the mount is gone with the namespace
+    try:
+        result = subprocess.run(
+            [*_UNSHARE, "sh", "-c", f"mount -t tmpfs -o size=4k tmpfs {shlex.quote(str(probe))}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    return "" if result.returncode == 0 else (result.stderr.strip() or "unshare failed")
+
+
+_UNSHARE = ("unshare", "--user", "--map-root-user", "--mount")
+
+
+def _require_namespaces() -> None:
+    reason = _namespaces()
+    if reason:
+        pytest.skip(f"needs a user namespace to mount a small file system ({reason})")
+
+
+def _in_namespace(
+    setup: str, *commands: list[str], between: str = "", after: str = ""
+) -> list[subprocess.CompletedProcess]:
+    """Runs ``commands`` one after another in one user and mount namespace: the shell lines
+    ``setup`` first, ``between`` between two commands, ``after`` at the end."""
+    results = Path(os.environ.get("TMPDIR", "/tmp")) / f"gdreg-namespace-{os.getpid()}"
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir()
+    lines = ["set -e", setup, "set +e"]
+    for index, command in enumerate(commands):
+        if index:
+            lines.append(between)
+        out = shlex.quote(str(results / str(index)))
+        lines.append(f"{shlex.join(command)} >{out}.out 2>{out}.err; echo $? >{out}.rc")
+    lines.append(after)
+    subprocess.run([*_UNSHARE, "bash", "-c", "\n".join(lines)], cwd=REPO, check=True, timeout=600)
+    done = []
+    for index, command in enumerate(commands):
+        prefix = results / str(index)
+        done.append(
+            subprocess.CompletedProcess(
+                command,
+                int(Path(f"{prefix}.rc").read_text()),
+                Path(f"{prefix}.out").read_text(),
+                Path(f"{prefix}.err").read_text(),
+            )
+        )
+    shutil.rmtree(results)
+    return done
+
+
+@pytest.mark.parametrize(
+    ("folder", "size", "names"),
+    [
+        # the whole run directory: the first write that finds no room ends the run
+        ("", "16k", ""),
+        # the checkpoints: the first fits, the second (epoch 4) does not (orbax's checkpoints
+        # of this run take 90 to 120 KiB: the number of data files varies)
+        ("checkpoints", "160k", "the checkpoint of epoch "),
+    ],
+)
+def test_a_full_disk_is_one_error_line_and_a_rerun_with_room_finishes(
+    whole, tmp_path, folder, size, names
+):
+    """The checkpoint write used to end in orbax's RESOURCE_EXHAUSTED traceback (exit 1). Now:
+    one line naming the path, the space needed and free, and where a rerun resumes; exit 2
+    (not 75, which would requeue the job onto the same full disk); and once there is room, the
+    same command finishes the same run."""
+    _require_namespaces()
+    workdir, copy = tmp_path / "run", tmp_path / "copy"
+    mount = workdir / folder if folder else workdir
+    mount.mkdir(parents=True)
+    copy.mkdir()
+    command = main_command(workdir, *ARGS)
+    full, freed = _in_namespace(
+        f"mount -t tmpfs -o size={size} tmpfs {mount}",
+        command,
+        command,
+        between=f"mount -o remount,size=64m {mount}",
+        after=f"cp -a {workdir}/. {copy}/",
+    )
+    assert full.returncode == 2, full.stderr[-3000:]
+    (error,) = _errors(full)
+    assert error.startswith(f"error: cannot write {names}") and str(workdir) in error, error
+    assert ": No space left on device (" in error and " free there)" in error, error
+    assert "; nothing written before is lost: free space there and rerun the same command" in error
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert freed.returncode == 0, freed.stderr[-3000:]
+    assert metrics(copy) == metrics(whole)
+
+
+#: Installed as ``sitecustomize`` in a run's process: its TensorBoard event file stops growing
+#: with ENOSPC after the second epoch's events, as on a full disk (the events lie in the run
+#: directory beside the checkpoints, so a file system of their own cannot be mounted for them).
+FULL_EVENT_FILE = """
+import errno, io, os, sys
+
+class _Full(io.RawIOBase):
+    def __init__(self, raw):
+        self.raw, self.writes = raw, 0
+    def writable(self):
+        return True
+    def write(self, data):
+        # One write per flush: the opening (header, hyperparameters, config), then one per epoch.
+        self.writes += 1
+        if self.writes > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.raw.write(data)
+    def close(self):
+        self.raw.close()
+        super().close()
+
+class _Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name != "gdreg.program.summaries":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+        def exec_module(module):
+            load(module)
+            real = module.EventFile.__init__
+            def init(self, logdir):
+                real(self, logdir)
+                self._file = io.BufferedWriter(_Full(self._file.detach()))
+            module.EventFile.__init__ = init
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _Hook())
+"""
+
+
+def test_a_full_tensorboard_folder_warns_once_and_training_goes_on(whole, tmp_path):
+    """TensorBoard's writer thread died on ENOSPC and training blocked for good on its queue
+    (deaf to SIGTERM). Now the events are written in the training thread: the first failure
+    turns TensorBoard off with one warning, and the run finishes as if nothing happened."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FULL_EVENT_FILE)
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+    result = run_main(main_command(workdir, *ARGS), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "TensorBoard" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert "cannot write TensorBoard events" in warnings[0] and "No space left" in warnings[0]
+    assert "Traceback" not in result.stderr
+    assert metrics(workdir) == metrics(whole)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_a_console_that_cannot_be_written_stops_nothing(whole, tmp_path):
+    """stderr on a full disk (here /dev/full, whose every write fails with ENOSPC): the progress
+    lines used to end the run with a traceback; now the run finishes the same."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    workdir = tmp_path / "run"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            main_command(workdir, *ARGS, "--config.log.progress=True"),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=full,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 0 and "done: epoch 6" in result.stdout
+    assert metrics(workdir) == metrics(whole)

@@ -467,8 +467,16 @@ def test_numpy_integers_accepted():
 def test_bad_num_classes_and_dtype_errors():
     with pytest.raises(ValueError, match=r"^num_classes must be a positive integer"):
         create_model("resnet18", num_classes=0)
-    with pytest.raises(ValueError, match=r"^dtype must be a floating dtype"):
+    with pytest.raises(ValueError, match=r"^dtype must be one of .*, got int32"):
         create_model("resnet18", num_classes=10, dtype="int32")
+    for low in ("float8_e4m3fn", "float4_e2m1fn"):  # they do not learn without scaling
+        with pytest.raises(ValueError, match=rf"^dtype must be one of .*, got {low}"):
+            create_model("resnet18", num_classes=10, dtype=low)
+    # float64 computes in float32 unless JAX's 64-bit mode is on
+    with jax.enable_x64(False), pytest.raises(ValueError, match="needs JAX's 64-bit mode"):
+        create_model("resnet18", num_classes=10, dtype="float64")
+    with jax.enable_x64(True):
+        assert create_model("convnet1", num_classes=3, dtype="float64").dtype == jnp.float64
     with pytest.raises(ValueError, match=r"^dtype: unknown dtype"):
         create_model("resnet18", num_classes=10, dtype="not-a-dtype")
 

@@ -134,3 +134,17 @@ def test_chain_equals_the_reference_rule_in_float64(x64):
         updates, state = tx.update({"w": g}, state, theta)
         theta = jax.tree.map(lambda p, u: p + u, theta, updates)
     np.testing.assert_allclose(theta["w"], expected, rtol=1e-14)
+
+
+def test_the_table_of_rates_ends_with_the_run():
+    """A warmup or decay of 10**9 epochs in a 6-epoch run: the table holds the run's epochs
+    (it used to hold all 10**9, built in Python: it never finished), with the same rates."""
+    cases = [
+        ({"warmup_epochs": 10**9, "cosine_epochs": 40}, lambda e: 0.8 * e / 10**9),
+        ({"cosine_epochs": 10**9}, lambda e: 0.4 * (1 + math.cos(math.pi * e / 10**9))),
+    ]
+    for far, rate in cases:
+        schedule = learning_rate_schedule(base_lr=0.8, total_epochs=6, **far)
+        got = [float(schedule(epoch)) for epoch in range(7)]
+        np.testing.assert_allclose(got, [rate(epoch) for epoch in range(7)], rtol=1e-6)
+        assert float(schedule(10**6)) == got[6]  # past the table: its last rate

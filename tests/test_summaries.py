@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +278,63 @@ def test_quiet_when_disabled():
     bar.update(4, "loss 1")
     bar.close()
     assert stream.getvalue() == ""
+
+
+def test_events_are_written_in_the_callers_thread(tmp_path):
+    """tensorboardX's SummaryWriter queues events for a thread of its own; when that thread
+    died (a full disk), training blocked on the queue for good. This writer starts none."""
+    before = threading.active_count()
+    writer = summaries.TensorBoardWriter(str(tmp_path), config_lib.base_config())
+    writer.write(RECORDS[0])
+    assert threading.active_count() == before
+    writer.close()
+    assert tensorboard_scalars(tmp_path)["loss/train"] == [(1, 2.5)]
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failed_event_write_turns_tensorboard_off_with_one_warning(tmp_path, caplog):
+    writer = summaries.TensorBoardWriter(str(tmp_path), config_lib.base_config())
+    writer._events._file = io.BufferedWriter(_FullDisk())  # the disk fills up
+    with caplog.at_level(logging.WARNING):
+        for record in RECORDS:
+            writer.write(record)  # never raises
+        writer.close()
+    warnings = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert "TensorBoard is off for the rest of this run" in warnings[0]
+    assert not writer.enabled
+
+
+def test_a_tensorboard_folder_that_cannot_be_made_turns_tensorboard_off(tmp_path, caplog):
+    where = tmp_path / "run"
+    where.write_text("a file where the run's folder should be")
+    with caplog.at_level(logging.WARNING):
+        writer = summaries.TensorBoardWriter(str(where), config_lib.base_config())
+        writer.write(RECORDS[0])
+        writer.close()
+    assert not writer.enabled
+    assert sum("cannot write TensorBoard events" in r.getMessage() for r in caplog.records) == 1
+
+
+class _BrokenConsole(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_progress_that_cannot_be_written_goes_quiet_with_one_warning(caplog):
+    bar = ProgressBar(4, lines=4, stream=_BrokenConsole())
+    with caplog.at_level(logging.WARNING):
+        for done in range(1, 5):
+            bar.update(done, "loss 1")  # never raises
+        bar.close()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "cannot write the progress" in warnings[0]

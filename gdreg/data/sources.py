@@ -341,10 +341,17 @@ def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     """Reads and validates an npz dataset.
 
     Images: uint8 ``[N, H, W, C]`` with 1, 3 or 4 channels last; ``[N, H, W]`` (grayscale)
-    gets a channel axis; channels-first ``[N, C, H, W]`` is refused, not guessed; float
-    images must be finite and lie in [0, 1] and are converted to uint8 (``round(x * 255)``);
-    other integer images must lie in 0..255. Labels: integers ``[N]`` (or ``[N, 1]``), >= 0;
-    every test label must occur among the training labels; neither split may be empty.
+    gets a channel axis; channels-first ``[N, C, H, W]`` is refused, not guessed, and so are
+    other channel counts; float images must be finite and lie in [0, 1] and are converted to
+    uint8 (``round(x * 255)``; floats that would all become 0 or 1, i.e. divided by 255 twice,
+    are refused); other integer images must lie in 0..255. Labels: integers ``[N]`` (or
+    ``[N, 1]``) numbering the classes 0..K-1: every label in 0..max(y_train) must occur in
+    ``y_train`` (a stray large label, a typo or ids that start at 1000, would make the model's
+    output layer that wide), and every test label among the training labels; a label outside
+    int32 is refused before it could wrap. Neither split may be empty.
+
+    Every array's size, as its header declares it, is checked against what its archive member
+    holds and against the host's memory before anything is allocated.
     """
     if not npz_path:
         raise ValueError("npz_path must be set for the npz dataset")
@@ -365,6 +372,7 @@ def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                 f"npz_path={npz_path!r} lacks key(s) {missing}; "
                 f"expected {list(keys)}, found {sorted(f.files)}"
             )
+        _check_declared_sizes(f, keys, npz_path)
         try:
             arrays = {k: np.asarray(f[k]) for k in keys}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
@@ -392,12 +400,93 @@ def _load_npz(npz_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
             raise ValueError(f"npz_path={npz_path!r}: the {split} split is empty")
     unknown = np.setdiff1d(out[3], out[1])
     if unknown.size:
+        first = int(np.flatnonzero(np.isin(out[3], unknown))[0])
         raise ValueError(
             f"npz_path={npz_path!r}: y_test has labels that y_train does not have "
             f"({', '.join(str(label) for label in unknown[:5])}"
-            f"{', ...' if unknown.size > 5 else ''}); every test class must be a training class"
+            f"{', ...' if unknown.size > 5 else ''}), the first y_test[{first}] = "
+            f"{out[3][first]}; every test class must be a training class"
         )
+    _check_classes_numbered(out[1], npz_path)
     return out[0], out[1], out[2], out[3]
+
+
+def _check_declared_sizes(archive: np.lib.npyio.NpzFile, keys: Sequence[str], npz_path) -> None:
+    """Refuses arrays whose header declares more bytes than their archive member holds (a
+    damaged or hand-made header: ``(10**9, 32, 32, 3)`` over a few kilobytes) or more than
+    the host's memory, before numpy allocates them (which would fail with a MemoryError, or
+    get the process killed)."""
+    fmt = np.lib.format
+    total = 0
+    for key in keys:
+        info = archive.zip.getinfo(f"{key}.npy")
+        with archive.zip.open(info) as member:
+            try:
+                version = fmt.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = fmt.read_array_header_1_0(member)
+                else:
+                    shape, _, dtype = fmt.read_array_header_2_0(member)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise ValueError(
+                    f"npz_path={npz_path!r}: {key} has no readable array header ({_one_line(e)})"
+                ) from e
+            header = member.tell()
+        if dtype.hasobject:
+            raise ValueError(
+                f"npz_path={npz_path!r}: {key} holds Python objects (pickled), not numbers"
+            )
+        declared = dtype.itemsize * int(np.prod(shape, dtype=object))
+        held = info.file_size - header
+        if declared > held:
+            raise ValueError(
+                f"npz_path={npz_path!r}: {key} declares shape {tuple(shape)} {dtype} "
+                f"({_size(declared)}), but its archive member holds {_size(held)}: the file "
+                "is damaged, or its header was written by hand"
+            )
+        total += declared
+    memory = _host_memory()
+    if memory and total > memory:
+        raise ValueError(
+            f"npz_path={npz_path!r}: its arrays take {_size(total)}, more than this host's "
+            f"memory ({_size(memory)})"
+        )
+
+
+def _host_memory() -> int | None:
+    """Bytes of physical memory of this host (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(size: int) -> str:
+    """A byte count for a message: ``12 KiB``, ``3.1 TiB``."""
+    value, unit = float(size), "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.3g} {unit}" if unit != "bytes" else f"{size} bytes"
+
+
+def _check_classes_numbered(labels: np.ndarray, npz_path) -> None:
+    """Refuses training labels that leave classes of 0..max(labels) without an image: the
+    model gets one output per class 0..max, and a stray large label (a typo: 10**8) or ids
+    that start elsewhere (1000..1003) would make that layer huge or mostly dead."""
+    present = np.unique(labels)
+    largest = int(present[-1])
+    if present.size == largest + 1:
+        return
+    index = int(np.argmax(labels))
+    missing = np.setdiff1d(np.arange(min(largest + 1, present.size + 3)), present)[:3]
+    raise ValueError(
+        f"npz_path={npz_path!r}: y_train[{index}] = {largest}, so the model would have "
+        f"{largest + 1} classes (0..{largest}), but only {present.size} of them occur in y_train "
+        f"(none has label {', '.join(str(label) for label in missing)}, ...); number the "
+        "classes 0..K-1, e.g. y = np.unique(y, return_inverse=True)[1] over both splits"
+    )
 
 
 def _npz_images(x: np.ndarray, npz_path: str, key: str) -> np.ndarray:
@@ -412,6 +501,11 @@ def _npz_images(x: np.ndarray, npz_path: str, key: str) -> np.ndarray:
             f"npz_path={npz_path!r}: {key} of shape {x.shape} looks channels-first "
             f"[N, C, H, W]; store it as [N, H, W, C] (np.transpose(x, (0, 2, 3, 1)))"
         )
+    if x.shape[3] not in (1, 3, 4):
+        raise ValueError(
+            f"npz_path={npz_path!r}: {key} of shape {x.shape} has {x.shape[3]} channels; "
+            "images have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, last"
+        )
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if np.issubdtype(x.dtype, np.floating):
@@ -421,6 +515,12 @@ def _npz_images(x: np.ndarray, npz_path: str, key: str) -> np.ndarray:
         if x.size and (x.min() < 0.0 or x.max() > 1.0):
             raise ValueError(
                 f"npz_path={npz_path!r}: float {key} must lie in [0, 1], got [{x.min()}, {x.max()}]"
+            )
+        if x.size and 0.0 < x.max() < 1.5 / 255.0:
+            raise ValueError(
+                f"npz_path={npz_path!r}: float {key} lies in [{x.min()}, {x.max()}]: divided "
+                "by 255 twice? As 8-bit images (round(x * 255)) every pixel would be 0 or 1; "
+                "store floats in [0, 1] or uint8 0..255"
             )
         return np.round(x.astype(np.float64) * 255.0).astype(np.uint8)
     if np.issubdtype(x.dtype, np.integer):
@@ -441,7 +541,16 @@ def _npz_labels(y: np.ndarray, npz_path: str, key: str) -> np.ndarray:
             f"npz_path={npz_path!r}: {key} must be integer labels [N], got {y.dtype} {y.shape}"
         )
     if y.size and y.min() < 0:
-        raise ValueError(f"npz_path={npz_path!r}: {key} has negative labels")
+        index = int(np.argmin(y))
+        raise ValueError(
+            f"npz_path={npz_path!r}: {key} has negative labels ({key}[{index}] = {y[index]})"
+        )
+    if y.size and y.max() > np.iinfo(np.int32).max:  # int32 would wrap it to another class
+        index = int(np.argmax(y))
+        raise ValueError(
+            f"npz_path={npz_path!r}: {key}[{index}] = {y[index]} is beyond int32 (a typo?); "
+            "labels number the classes 0..K-1"
+        )
     return y.astype(np.int32)
 
 

@@ -75,11 +75,16 @@ class Evaluator:
     def __call__(
         self, params: PyTree, model_state: PyTree, data: PyTree, num_images: int
     ) -> dict[str, float]:
-        """Returns {"loss", "accuracy"} over the first ``num_images`` images of ``data``."""
-        unit = self.num_devices * self.batch_size
+        """Returns {"loss", "accuracy"} over the first ``num_images`` images of ``data``.
+
+        A ``batch_size`` beyond one device's share of the images is cut to that share: the
+        rest would be zero-weight padding, allocated for nothing (``eval.batch_size=10**9``).
+        """
+        batch_size = min(self.batch_size, max(1, -(-num_images // self.num_devices)))
+        unit = self.num_devices * batch_size
         indices, weights = pad_with_zero_weights(np.arange(num_images, dtype=np.int32), unit)
         padded = indices.shape[0]
-        shape = (padded // self.batch_size, self.batch_size)
+        shape = (padded // batch_size, batch_size)
         indices = shard_rows(indices.reshape(shape), self.mesh)
         weights = shard_rows(weights.reshape(shape), self.mesh)
         sums = self._zeros()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from gdreg.models import densenet, nfnet, pyramidnet, resnet, small, vgg
@@ -59,14 +60,28 @@ def check_name(name: str) -> str:
     return key
 
 
+#: The compute dtypes a model may take (``model.dtype``). float8 and float4 kinds are not
+#: among them: without scaling, a model computing in them does not learn.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def check_dtype(dtype: str | Any) -> jnp.dtype:
-    """``dtype`` as a floating ``jnp.dtype``; ``ValueError`` for anything else."""
+    """``dtype`` as a ``jnp.dtype``, one of :data:`DTYPES`; ``ValueError`` for anything else.
+
+    ``float64`` needs JAX's 64-bit mode (``JAX_ENABLE_X64=1``, or inside
+    ``jax.enable_x64``): without it JAX computes in float32 whatever the model asks for.
+    """
     try:
         dt = jnp.dtype(dtype)
     except TypeError as err:
         raise ValueError(f"dtype: unknown dtype {dtype!r}") from err
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16), got {dt}")
+    if dt.name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dt.name}")
+    if dt == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "dtype='float64' needs JAX's 64-bit mode, which is off: the model would compute in "
+            "float32; set JAX_ENABLE_X64=1 to compute in float64, or use float32"
+        )
     return dt
 
 

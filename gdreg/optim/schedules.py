@@ -63,7 +63,9 @@ def learning_rate_schedule(
     so in float32 every rate is within 2^-24 (6e-8) relative of the exact value (float32
     arithmetic from an int32 step count was off by up to 9e-7); in float64 (``jax_enable_x64``)
     they are exact to the last digits. warmup_exponential needs ``total_epochs``, the length of
-    its table (the run's epochs).
+    its table (the run's epochs). With ``total_epochs`` the table ends there (a run never asks
+    for a later epoch's rate; past the table the rate stays at that of epoch ``total_epochs``),
+    so a warmup or decay far longer than the run costs nothing.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -137,6 +139,8 @@ def _epoch_rates(
         "warmup_exponential": max(total_epochs - warmup_epochs - 1, 0),
     }[schedule]
     last = warmup_epochs + 1 + decay_length
+    if total_epochs > 0:  # the run never reaches a later epoch
+        last = min(last, total_epochs)
     rates = np.empty(last + 1, np.float64)
     for epoch in range(last + 1):
         since = epoch - warmup_epochs - 1 if warmup_epochs else epoch

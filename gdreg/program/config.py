@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -37,6 +38,14 @@ from gdreg.penalty import METHODS
 MODES = ("fullbatch", "stochastic")
 #: ``train.autotune`` (:mod:`gdreg.program.autotune`).
 AUTOTUNE_MODES = ("auto", "on", "off")
+#: The largest ``seed``: JAX's keys take 32 bits without 64-bit mode (a larger seed would be
+#: cut to its low bits, and 2**32 would repeat seed 0), and the augmentation uses seed + 1.
+MAX_SEED = 2**32 - 2
+#: The largest ``train.epochs``: the learning rate is a table of one float per epoch, built
+#: in Python before training (10**6 epochs: 8 MB and a few seconds).
+MAX_EPOCHS = 10**6
+#: The most optimizer steps of a run: the step counters are int32.
+MAX_STEPS = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -385,6 +394,12 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
     """(holds, field, what it must be) for every numeric field."""
     data, train, optim, loss = config.data, config.train, config.optim, config.loss
     return [
+        (
+            0 <= config.seed <= MAX_SEED,
+            "seed",
+            f"must be in 0..{MAX_SEED} (JAX's random keys hold 32 bits, and the augmentation "
+            "draws from seed + 1)",
+        ),
         (config.model.width >= 1, "model.width", "must be a positive number of channels"),
         (data.train_size >= 0, "data.train_size", "must be >= 0 (0: all)"),
         (data.test_size >= 0, "data.test_size", "must be >= 0 (0: all)"),
@@ -398,13 +413,17 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
         (data.synthetic_num_classes >= 1, "data.synthetic_num_classes", "must be >= 1"),
         (data.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1"),
         (data.synthetic_test_size >= 0, "data.synthetic_test_size", "must be >= 0"),
-        (train.epochs >= 1, "train.epochs", "must be at least 1"),
+        (
+            1 <= train.epochs <= MAX_EPOCHS,
+            "train.epochs",
+            f"must be in 1..{MAX_EPOCHS} (the schedule is a table of one rate per epoch)",
+        ),
         (train.block_size >= 1, "train.block_size", "must be at least 1"),
         (train.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (train.blocks_per_microbatch >= 0, "train.blocks_per_microbatch", "must be >= 0"),
         (train.cpu_devices >= 0, "train.cpu_devices", "must be >= 0"),
         (train.autotune_seconds >= 0, "train.autotune_seconds", "must be >= 0"),
-        (optim.lr > 0, "optim.lr", "must be positive"),
+        (0 < optim.lr < math.inf, "optim.lr", "must be finite and positive"),
         (optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be non-negative"),
         (
             optim.schedule not in ("warmup_cosine", "warmup_linear") or optim.cosine_epochs > 0,
@@ -412,7 +431,7 @@ def _bounds(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
             f"must be positive for the {optim.schedule} schedule",
         ),
         (0 <= optim.momentum < 1, "optim.momentum", "must be in [0, 1)"),
-        (optim.weight_decay >= 0, "optim.weight_decay", "must be non-negative"),
+        (0 <= optim.weight_decay < math.inf, "optim.weight_decay", "must be finite and >= 0"),
         (optim.clip_norm >= 0, "optim.clip_norm", "must be non-negative"),
         (optim.batch_clip >= 0, "optim.batch_clip", "must be non-negative"),
         (0 <= optim.adam_b1 < 1, "optim.adam_b1", "must be in [0, 1)"),
@@ -507,6 +526,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for holds, field, message in _bounds(config):
         if not holds:
             raise ConfigError(f"{field} {message}, got {get_field(config, field)!r}")
+    for field, value in flatten(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{field} must be a finite number, got {value!r}")
 
 
 #: Fields that change how a run executes or is logged, never what it computes. They may
@@ -562,9 +584,14 @@ def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
 
 
 def resume_changes(
-    saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, *, allow: bool
+    saved: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict,
+    *,
+    allow: bool,
+    source: str = "the run's config.json",
 ) -> dict[str, tuple[Any, Any]]:
-    """The fields a resumed run changes, ``{field: (saved value, new value)}``.
+    """The fields a resumed run changes, ``{field: (saved value, new value)}``; ``source``
+    names where ``saved`` was read, for the messages.
 
     Raises :class:`ConfigError` for a change to a field of :data:`STATE_FIELDS` or the switching
     of a :data:`STATE_SWITCHES` field (always), and for any other change outside
@@ -603,7 +630,7 @@ def resume_changes(
     ]
     if needs_permission and not allow:
         raise ConfigError(
-            f"the config differs from the run's config.json ({describe(needs_permission)}); pass "
+            f"the config differs from {source} ({describe(needs_permission)}); pass "
             "--allow_config_change to resume with it (the change is kept in "
             "config_history.jsonl), or use a new --workdir"
         )
@@ -631,6 +658,16 @@ def check_dataset_fits(
             pool = num_images
         if size > pool:
             raise ConfigError(f"{field} {size} is larger than the {pool} training images")
+
+
+def check_step_count(config: ml_collections.ConfigDict, steps: int) -> None:
+    """Checks that the ``steps`` optimizer steps of the whole run fit the step counter
+    (int32 in the optimizer's and the penalty's state)."""
+    if steps > MAX_STEPS:
+        raise ConfigError(
+            f"train.epochs {config.train.epochs} takes {steps} optimizer steps, more than the "
+            f"step counter holds ({MAX_STEPS}); train fewer epochs or use larger batches"
+        )
 
 
 def check_devices_fit(config: ml_collections.ConfigDict, num_devices: int) -> None:

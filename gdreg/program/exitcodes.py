@@ -8,7 +8,10 @@ it.
 
 DONE = 0
 #: A bad config field, argument, dataset or run directory (one ``error:`` line says which); also
-#: processes started with different configs or incomplete multi-process flags.
+#: processes started with different configs or incomplete multi-process flags, and a run
+#: directory that cannot be written (a full disk, a quota, a read-only mount). Then nothing
+#: written before is lost and the line says where a rerun resumes; not :data:`PREEMPTED`, so
+#: that ``launch/slurm.sbatch`` does not requeue the job onto the same full disk.
 BAD_INPUT = 2
 #: The loss or gradient became NaN or infinite; the last good checkpoint is intact.
 DIVERGED = 3

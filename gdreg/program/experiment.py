@@ -485,6 +485,7 @@ def build(
         )
     config_lib.check_dataset_fits(config, num_virtual, dataset.num_train)
     plan = epoch_plan(config, num_virtual, dataset.num_train)
+    config_lib.check_step_count(config, plan.first_step(config.train.epochs))
     mesh = data_mesh() if mesh is None else mesh
     config_lib.check_devices_fit(config, mesh.devices.size)
     model = make_model(config, dataset.num_classes)

@@ -14,6 +14,7 @@ SIGINT (SLURM preemption, Ctrl-C): the current epoch finishes, is saved, and the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -43,7 +44,8 @@ from gdreg.program.rundir import RunDirError
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or gradient became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or gradient became NaN or infinite; the last good checkpoint (if any: the
+    message says) is kept."""
 
 
 class Preempted(Exception):
@@ -224,17 +226,36 @@ def train_and_evaluate(
     Returns the last metric record (with the final test metrics). Raises
     :class:`gdreg.program.config.ConfigError` or :class:`gdreg.program.rundir.RunDirError` (one-line
     messages) for what the user must fix, :class:`TrainingDivergedError` and :class:`Preempted`.
+    A write the file system refuses (a full disk: a checkpoint, ``metrics.jsonl``, the lock) is
+    a :class:`gdreg.program.rundir.WriteFailed` whose message also says where a rerun resumes;
+    TensorBoard and the console progress only warn and go off (:mod:`gdreg.program.summaries`).
     """
     # Everything is checked before anything is written: the config, and against the run's.
     run = build(config)
     changes = _resume_config(config, workdir, allow_config_change)
     checkpoint.check_path(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with contextlib.ExitStack() as cleanup:
-        if stop is None:
-            stop = cleanup.enter_context(StopRequest())
-        cleanup.enter_context(_locked(workdir, jax.process_index() == 0))
-        return _train(run, workdir, stop, changes, cleanup)
+    try:
+        rundir.make_workdir(workdir)
+        with contextlib.ExitStack() as cleanup:
+            if stop is None:
+                stop = cleanup.enter_context(StopRequest())
+            cleanup.enter_context(_locked(workdir, jax.process_index() == 0))
+            return _train(run, workdir, stop, changes, cleanup)
+    except rundir.WriteFailed as error:
+        # Every file of the run is replaced atomically or appended and synced, and a failed
+        # checkpoint leaves the older ones: the run goes on from its newest checkpoint.
+        message = f"{error}; {_how_to_go_on(workdir, error.no_room)}"
+        raise type(error)(message, no_room=error.no_room) from None
+
+
+def _how_to_go_on(workdir: str, no_room: bool) -> str:
+    """What to do after a failed write: where a rerun of the same command resumes."""
+    steps = checkpoint.saved_steps(workdir)
+    fix = "free space there" if no_room else "fix that"
+    since = f"the checkpoint of epoch {steps[0]}" if steps else "epoch 0 (no checkpoint yet)"
+    return (
+        f"nothing written before is lost: {fix} and rerun the same command to resume from {since}"
+    )
 
 
 @contextlib.contextmanager
@@ -256,10 +277,41 @@ def _locked(workdir: str, is_first_process: bool):
 
 
 def _resume_config(config: ml_collections.ConfigDict, workdir: str, allow: bool) -> dict:
-    """Checks ``config`` against the run's saved config.json (if any); returns the changes."""
-    if not os.path.isfile(os.path.join(workdir, rundir.CONFIG_FILE)):
+    """Checks ``config`` against the run's saved config (if any); returns the changes.
+
+    The run's config is its ``config.json``; without one (deleted), the config its newest
+    checkpoint carries (:func:`gdreg.program.checkpoint.saved_config`). Checkpoints that carry
+    none (written by an older gdreg) and no config.json leave nothing to check against: a
+    :class:`RunDirError`, unless ``allow``.
+    """
+    if os.path.isfile(os.path.join(workdir, rundir.CONFIG_FILE)):
+        return resume_changes(rundir.read_config(workdir), config, allow=allow)
+    steps = checkpoint.saved_steps(workdir)
+    if not steps:
         return {}
-    return resume_changes(rundir.read_config(workdir), config, allow=allow)
+    saved = checkpoint.saved_config(workdir)
+    if saved is None:
+        if not allow:
+            raise RunDirError(
+                f"{workdir} has checkpoints (the newest of epoch {steps[0]}) but no "
+                f"{rundir.CONFIG_FILE}, and they do not carry their config: there is nothing "
+                f"to check this config against; restore {rundir.CONFIG_FILE}, or pass "
+                "--allow_config_change to resume with this config as it is"
+            )
+        logging.warning(
+            "%s has no %s to check this config against (--allow_config_change): resuming "
+            "with this config as it is",
+            workdir,
+            rundir.CONFIG_FILE,
+        )
+        return {}
+    epoch, values = saved
+    source = f"the config saved with the checkpoint of epoch {epoch}"
+    logging.warning(
+        "%s has no %s: checking this config against %s", workdir, rundir.CONFIG_FILE, source
+    )
+    saved_config = rundir.config_from_values(values, source)
+    return resume_changes(saved_config, config, allow=allow, source=source)
 
 
 def _restore(run: Run, manager, is_first_process: bool) -> TrainState:
@@ -350,9 +402,8 @@ def _train(
 ) -> dict[str, Any]:
     config = run.config
     is_first_process = jax.process_index() == 0
-    manager = cleanup.enter_context(
-        contextlib.closing(checkpoint.checkpoint_manager(workdir, config.checkpoint.keep))
-    )
+    manager = checkpoint.checkpoint_manager(workdir, config.checkpoint.keep)
+    cleanup.callback(checkpoint.close, manager)
     host_state = _restore(run, manager, is_first_process)
     start_epoch = int(host_state.epoch)
     if is_first_process:
@@ -364,6 +415,17 @@ def _train(
     # The engine's loop shape: stored in the workdir, else timed (gdreg.program.autotune).
     run = autotune.choose_loop_shape(run, state, workdir)
     metrics_writer = rundir.MetricsWriter(workdir, start_epoch, enabled=is_first_process)
+    missing = metrics_writer.missing(start_epoch) if is_first_process else []
+    if missing:
+        logging.warning(
+            "%s has no record of epoch%s %s (it was deleted or cut), and the run resumes "
+            "from the checkpoint of epoch %d: that history is missing from metrics.jsonl and "
+            "TensorBoard",
+            metrics_writer.path,
+            "s" if len(missing) > 1 else "",
+            rundir.describe_epochs(missing),
+            start_epoch,
+        )
     tensorboard = summaries.TensorBoardWriter(
         workdir,
         config,
@@ -406,8 +468,10 @@ def _train(
             metrics.update(on_test_set(state, average["params"], average["model_state"], "_ema")[1])
         return state, metrics
 
+    config_values = json.loads(config.to_json_best_effort())
+
     def save(state: TrainState) -> None:
-        checkpoint.save(manager, int(fetch_replicated(state.epoch)), state)
+        checkpoint.save(manager, int(fetch_replicated(state.epoch)), state, config_values)
 
     record: dict[str, Any] = {}
     fit_for = config.train.stop_at_full_accuracy
@@ -415,7 +479,17 @@ def _train(
     # A run that stopped at 100% training accuracy stays stopped.
     first_epoch = epochs if fitted(accuracies, fit_for) else start_epoch
     for epoch in range(first_epoch, epochs):
-        state, record = run_epoch(run, state, train_step)
+        try:
+            state, record = run_epoch(run, state, train_step)
+        except TrainingDivergedError as error:
+            latest = manager.latest_step()
+            kept = (
+                f"the checkpoint of epoch {latest} in {manager.directory} is intact"
+                if latest is not None
+                else f"no checkpoint was written before it ({as_flag('checkpoint.every_epochs')}"
+                f"={config.checkpoint.every_epochs})"
+            )
+            raise TrainingDivergedError(f"{error}; {kept}") from None
         accuracies.append(record["train_accuracy"])
         done = epoch + 1
         last = done == epochs or fitted(accuracies, fit_for)

@@ -1,7 +1,12 @@
-"""Console progress of training and landscape scans: tqdm on a terminal, plain lines elsewhere."""
+"""Console progress of training and landscape scans: tqdm on a terminal, plain lines elsewhere.
+
+Progress is never a reason to stop: when the console cannot be written (a log file on a full
+disk, a closed pipe), the bar says so once, through the log, and stays quiet from then on.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
@@ -19,11 +24,10 @@ class ProgressBar:
     """Progress of a loop of ``total`` units, on stderr, from process 0 only.
 
     On a terminal: one line of at most :data:`COLUMNS` characters, ``done/total UNITs
-    [elapsed<remaining, TEXT]``. Elsewhere (a log file, SLURM's
-    output) no control characters: a plain line ``UNIT done/total TEXT elapsed H:MM:SS left
-    H:MM:SS`` every ``total // lines`` updates and at the end. Until the first update it says
-    that the first unit compiles (:data:`COMPILING`), which is where a fresh run spends its
-    first minute.
+    [elapsed<remaining, TEXT]``. Elsewhere (a log file, SLURM's output) no control characters:
+    a plain line ``UNIT done/total TEXT elapsed H:MM:SS left H:MM:SS`` every ``total // lines``
+    updates and at the end. Until the first update it says that the first unit compiles
+    (:data:`COMPILING`), which is where a fresh run spends its first minute.
     """
 
     def __init__(
@@ -44,25 +48,43 @@ class ProgressBar:
         self._bar = None
         if not self.enabled:
             return
-        if self.stream.isatty():
-            self._bar = tqdm(
-                total=total,
-                initial=start,
-                unit=unit,
-                file=self.stream,
-                ncols=COLUMNS,
-                # tqdm puts ", " before the postfix: the figures close the bracket.
-                bar_format="{n_fmt}/{total_fmt} {unit}s [{elapsed}<{remaining}{postfix}]",
-            )
-            self._bar.set_postfix_str(COMPILING)
-        else:
-            self.stream.write(f"{unit} {start}/{total} {COMPILING}\n")
-            self.stream.flush()
+        try:
+            if self.stream.isatty():
+                self._bar = tqdm(
+                    total=total,
+                    initial=start,
+                    unit=unit,
+                    file=self.stream,
+                    ncols=COLUMNS,
+                    # tqdm puts ", " before the postfix: the figures close the bracket.
+                    bar_format="{n_fmt}/{total_fmt} {unit}s [{elapsed}<{remaining}{postfix}]",
+                )
+                self._bar.set_postfix_str(COMPILING)
+            else:
+                self.stream.write(f"{unit} {start}/{total} {COMPILING}\n")
+                self.stream.flush()
+        except (OSError, ValueError) as error:  # ValueError: the stream was closed
+            self._fail(error)
 
     def update(self, done: int, text: str) -> None:
         """Shows ``done`` of ``total`` finished, with ``text`` (the latest figures)."""
         if not self.enabled:
             return
+        try:
+            self._show(done, text)
+        except (OSError, ValueError) as error:
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        self.enabled = False
+        self._bar = None
+        logging.warning(
+            "cannot write the progress to the console (%s): the progress is off for the rest "
+            "of this run",
+            error.strerror if isinstance(error, OSError) and error.strerror else error,
+        )
+
+    def _show(self, done: int, text: str) -> None:
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=False)
             self._bar.update(done - self._bar.n)
@@ -80,8 +102,11 @@ class ProgressBar:
     def close(self) -> None:
         """Ends the bar (a final newline on a terminal)."""
         if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+            bar, self._bar = self._bar, None
+            try:
+                bar.close()
+            except (OSError, ValueError) as error:
+                self._fail(error)
 
 
 def _duration(seconds: float) -> str:

@@ -14,11 +14,14 @@
 The only module that knows these names and formats; :mod:`gdreg.program.loop` writes through it,
 :mod:`gdreg.tools.report` and :mod:`gdreg.tools.landscape` read through it. It imports no JAX, so
 reading runs (the report) stays light. Every problem with a directory is a :class:`RunDirError`
-whose one-line message names the file and what is wrong.
+whose one-line message names the file and what is wrong; a write the file system refuses (a
+full disk, a quota, a read-only mount) is a :class:`WriteFailed` that also says how much space
+the write needed and how much is free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -27,7 +30,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -57,6 +60,116 @@ class RunDirError(Exception):
     """A run directory cannot be used; the one-line message says why."""
 
 
+class WriteFailed(RunDirError):
+    """The file system refused a write to the run directory (full, over quota, read-only).
+
+    What was written before stays valid (every file is replaced atomically or appended and
+    synced), so the run can go on once the cause is fixed. ``no_room``: the cause is a full
+    disk or quota (rather than, say, a read-only mount).
+    """
+
+    def __init__(self, message: str, *, no_room: bool = False) -> None:
+        super().__init__(message)
+        self.no_room = no_room
+
+
+#: The errors of a write that found no room: no space, over quota, larger than the process
+#: may write (RLIMIT_FSIZE).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def describe_size(size: int) -> str:
+    """``size`` bytes for a message: ``512 bytes``, ``12 KiB``, ``3.1 GiB``."""
+    if size < 1024:
+        return f"{size} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        size /= 1024
+        if size < 1024 or unit == "PiB":
+            return f"{size:.3g} {unit}"
+    raise AssertionError("unreachable")
+
+
+def free_space(path: str) -> int | None:
+    """Bytes an unprivileged process may still write on the file system of ``path`` (or of its
+    nearest existing parent); None where the system cannot say."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def no_room(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a write that found no room."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_ROOM:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    return any(os.strerror(code) in text for code in NO_ROOM)
+
+
+def write_failure(
+    what: str,
+    path: str,
+    error: BaseException,
+    needed: int | None = None,
+    needed_is: str = "it needs about",
+) -> str:
+    """The one-line message of a failed write of ``what`` to ``path``: the system's reason
+    and, when there was no room, the space the write needed (``needed`` bytes, introduced by
+    ``needed_is``; if known) and the space free."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    reason = " ".join(reason.split())[:300]
+    message = f"cannot write {what} {path}: {reason}"
+    if no_room(error):
+        free = free_space(path)
+        sizes = [f"{needed_is} {describe_size(needed)}"] if needed else []
+        sizes += [] if free is None else [f"{describe_size(free)} free there"]
+        message += f" ({'; '.join(sizes)})" if sizes else ""
+    return message
+
+
+@contextlib.contextmanager
+def writing(path: str, needed: int | None = None, what: str = "to") -> Iterator[None]:
+    """Turns an ``OSError`` of the writes inside into a :class:`WriteFailed` naming ``path``."""
+    try:
+        yield
+    except OSError as error:
+        message = write_failure(what, path, error, needed)
+        raise WriteFailed(message, no_room=no_room(error)) from None
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates the run directory ``workdir`` (and its parents) unless it exists.
+
+    Raises :class:`RunDirError` when ``workdir`` is a file, lies below one, or cannot be
+    created (permissions, a read-only or full file system).
+    """
+    try:
+        # exist_ok: every process of a run makes it, and on a shared file system one wins
+        os.makedirs(workdir, exist_ok=True)
+    except FileExistsError:  # with exist_ok: it exists and is not a directory
+        raise RunDirError(
+            f"{workdir} is a file, not a directory: pass a directory as workdir"
+        ) from None
+    except NotADirectoryError:
+        parent = os.path.dirname(os.path.abspath(workdir))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        raise RunDirError(
+            f"cannot create the run directory {workdir}: {parent} is a file, not a directory"
+        ) from None
+    except OSError as error:
+        message = write_failure("the run directory", workdir, error)
+        message = message.replace("cannot write", "cannot create", 1)
+        raise WriteFailed(message, no_room=no_room(error)) from None
+
+
 # ----- config.json --------------------------------------------------------------------------
 
 
@@ -71,13 +184,22 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _replace(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically: a new file, synced, renamed over the old one."""
+    """Writes ``text`` to ``path`` atomically: a new file, synced, renamed over the old one.
+
+    A failed write (:class:`WriteFailed`) leaves the old file and removes the new one.
+    """
     partial = path + ".partial"
-    with open(partial, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    with writing(path, needed=len(text.encode())):
+        try:
+            with open(partial, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            raise
 
 
 def append_config_history(workdir: str, epoch: int, changes: Mapping[str, Any]) -> None:
@@ -91,22 +213,60 @@ def append_config_history(workdir: str, epoch: int, changes: Mapping[str, Any]) 
 
 
 def _append_line(path: str, line: str) -> None:
-    """Appends ``line`` and a newline to ``path`` and forces it to disk."""
-    with open(path, "a") as handle:
+    """Appends ``line`` and a newline to ``path`` and forces it to disk.
+
+    A failed write is a :class:`WriteFailed`; it may leave part of the line, without its
+    newline, which the next reader leaves out as a torn last line.
+    """
+    with writing(path, needed=len(line.encode()) + 1), open(path, "a") as handle:
         handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+def _merge(
+    config: ml_collections.ConfigDict, values: Mapping[str, Any], source: str, prefix: str = ""
+) -> None:
+    """Sets the fields of ``config`` to ``values`` (nested dicts); a value of another type
+    than the schema's field is a :class:`RunDirError` naming ``source`` and the field."""
     for key, value in values.items():
+        field = prefix + key
         current = config.get(key) if key in config else None
-        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
-            _merge(current, value)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            config[key] = tuple(value)
-        else:
+        if isinstance(current, ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                raise RunDirError(
+                    f"{source}: {field} is {value!r}, not a section of fields; {_DAMAGED}"
+                )
+            _merge(current, value, source, field + ".")
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
             config[key] = value
+        except (TypeError, ValueError):
+            kind = type(current).__name__ if current is not None else "other value"
+            raise RunDirError(
+                f"{source}: {field} is {value!r}, and the field holds a {kind}; {_DAMAGED}"
+            ) from None
+
+
+#: What to do about a config.json that does not fit the schema.
+_DAMAGED = (
+    "the file was edited or damaged: correct the field, or delete the file (a resumed run "
+    "then checks its config against the one its checkpoints carry)"
+)
+
+
+def config_from_values(values: Mapping[str, Any], source: str) -> ml_collections.ConfigDict:
+    """A run's saved config (the JSON object ``values`` read from ``source``) on top of
+    :func:`gdreg.program.config.base_config`'s defaults; see :func:`read_config`."""
+    if not isinstance(values, dict):
+        raise RunDirError(f"{source}: not a JSON object")
+    config = base_config()
+    # Runs written before train.batchnorm_statistics existed used the order-free rule.
+    config.train.batchnorm_statistics = "mean"
+    _merge(config, values, source)
+    return config
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -114,7 +274,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
     Fields the run did not write (an older run) keep their defaults, except
     ``train.batchnorm_statistics``, which is ``"mean"`` (the rule such runs trained with); JSON
-    lists become tuples where the schema has tuples.
+    lists become tuples where the schema has tuples. A file that is not JSON, or holds a field
+    of another type than the schema's (``optim.lr`` a string), is a :class:`RunDirError`
+    naming the field.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
@@ -124,13 +286,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
             values = json.load(handle)
     except json.JSONDecodeError as error:
         raise RunDirError(f"{path}: not JSON ({error})") from None
-    if not isinstance(values, dict):
-        raise RunDirError(f"{path}: not a JSON object")
-    config = base_config()
-    # Runs written before train.batchnorm_statistics existed used the order-free rule.
-    config.train.batchnorm_statistics = "mean"
-    _merge(config, values)
-    return config
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunDirError(f"{path}: cannot be read ({_reason(error)})") from None
+    return config_from_values(values, path)
+
+
+def _reason(error: BaseException) -> str:
+    """An error's reason on one line (the system's words for an ``OSError``)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return " ".join(str(error).split())
 
 
 def write_conversion_record(workdir: str, record: Mapping[str, Any]) -> None:
@@ -201,9 +366,29 @@ class MetricsWriter:
             _replace(self.path, "".join(json.dumps(record) + "\n" for record in self.previous))
 
     def write(self, record: Mapping[str, Any]) -> None:
-        """Appends ``record`` and forces it to disk (a kill cannot tear an earlier line)."""
+        """Appends ``record`` and forces it to disk (a kill cannot tear an earlier line).
+
+        A failed write is a :class:`WriteFailed` (the run cannot keep its record of truth).
+        """
         if self.enabled:
             _append_line(self.path, json.dumps(record))
+
+    def missing(self, resume_epoch: int) -> list[int]:
+        """The epochs up to ``resume_epoch`` that ``metrics.jsonl`` has no record of (the file
+        was deleted or cut while the checkpoints were kept)."""
+        recorded = {record["epoch"] for record in self.previous}
+        return [epoch for epoch in range(1, resume_epoch + 1) if epoch not in recorded]
+
+
+def describe_epochs(epochs: list[int]) -> str:
+    """Sorted epochs as ranges: ``[1, 2, 3, 5]`` -> ``1-3, 5``."""
+    ranges: list[list[int]] = []
+    for epoch in epochs:
+        if ranges and epoch == ranges[-1][1] + 1:
+            ranges[-1][1] = epoch
+        else:
+            ranges.append([epoch, epoch])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -259,8 +444,9 @@ def _parse_metrics(path: str) -> list[dict[str, Any]]:
                 logging.warning("%s: leaving out its last line, cut short: %r", path, line[:60])
                 continue
             raise RunDirError(f"{path} line {number}: not JSON ({error})") from None
-        if not isinstance(record, dict) or "epoch" not in record:
-            raise RunDirError(f"{path} line {number}: not a metrics record")
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise RunDirError(f"{path} line {number}: not a metrics record (no integer epoch)")
         records.append(record)
     return records
 
@@ -287,7 +473,9 @@ class WorkdirLock:
         try:
             handle = open(self.path, "a+")  # noqa: SIM115  (held open while the lock is held)
         except OSError as error:
-            raise RunDirError(f"cannot create {self.path}: {error.strerror}") from None
+            message = write_failure("the lock file", self.path, error)
+            message = message.replace("cannot write", "cannot create", 1)
+            raise WriteFailed(message, no_room=no_room(error)) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -302,11 +490,17 @@ class WorkdirLock:
                 f"{os.path.dirname(self.path)} is in use by {holder}; wait for that run to end "
                 "or use another --workdir"
             ) from None
-        handle.seek(0)
-        handle.truncate()
         since = time.strftime("%Y-%m-%d %H:%M:%S")
-        handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {since}\n")
-        handle.flush()
+        holder = f"host {socket.gethostname()} pid {os.getpid()} since {since}\n"
+        try:
+            with writing(self.path, needed=len(holder)):
+                handle.seek(0)
+                handle.truncate()
+                handle.write(holder)
+                handle.flush()
+        except WriteFailed:
+            handle.close()  # releases the lock
+            raise
         self._handle = handle
 
     def release(self) -> None:

@@ -18,18 +18,27 @@ below it, ``WORKDIR/pictures/`` (``digits/sgd/pictures``), one image tag per kin
 Runs written before this layout kept their events in ``WORKDIR/tensorboard/``; resuming such a
 run moves its metrics here (the old metric events are deleted, old pictures are left).
 
-The writer is tensorboardX: it writes the standard event format with no TensorFlow (which
-``clu.metric_writers`` and ``flax.metrics.tensorboard`` need for their TensorBoard writer),
-so it installs the same way beside JAX on CPU and GPU hosts. Like :mod:`gdreg.program.rundir`, this
-module imports no JAX.
+The events are written and flushed in the training thread, in the standard event format of
+tensorboardX's protocol buffers (no TensorFlow, which ``clu.metric_writers`` and
+``flax.metrics.tensorboard`` need for their writers), and never stop or hang training: a write
+that fails (a full disk, a file where the folder should be) is one warning, and TensorBoard is
+off for the rest of the run while metrics.jsonl and the checkpoints go on; a rerun writes the
+events anew. (tensorboardX's own ``SummaryWriter`` writes from a thread through a queue: when
+that thread died on a full disk, training blocked on the queue forever.) Like
+:mod:`gdreg.program.rundir`, this module imports no JAX.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
 import os
 import re
+import socket
+import struct
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -147,7 +156,8 @@ class TensorBoardWriter:
     ``previous`` are the records the run already has (those kept in metrics.jsonl when it
     resumes): the run's event files are deleted and these records written again, followed
     by the new ones.
-    ``enabled=False`` writes nothing and creates nothing.
+    ``enabled=False`` writes nothing and creates nothing. No method raises: a failure to
+    write is one warning, and the writer is off from then on (``enabled`` becomes False).
     """
 
     def __init__(
@@ -160,33 +170,118 @@ class TensorBoardWriter:
     ) -> None:
         self.enabled = enabled
         self.logdir = workdir
+        self._events = None
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
+        try:
+            self._open(config)
+            for record in previous:
+                self._write(record)
+            self._events.flush()
+        except Exception as error:  # whatever the cause, training goes on without TensorBoard
+            self._fail(error)
 
-        _remove_metric_events(workdir)
-        self._writer = SummaryWriter(logdir=self.logdir, flush_secs=30)
+    def _open(self, config: ml_collections.ConfigDict) -> None:
+        from tensorboardX.summary import text
+
+        _remove_metric_events(self.logdir)
+        os.makedirs(self.logdir, exist_ok=True)
+        self._events = EventFile(self.logdir)
         for summary in _hparam_summaries(config):
-            self._writer.file_writer.add_summary(summary)
-        text = config.to_json_best_effort(indent=2, sort_keys=True)
+            self._add(summary)
+        config_text = config.to_json_best_effort(indent=2, sort_keys=True)
         # Markdown code block: TensorBoard's text tab would otherwise reflow the JSON.
-        self._writer.add_text("config", "\n".join("    " + line for line in text.splitlines()))
-        for record in previous:
-            self.write(record)
+        self._add(text("config", "\n".join("    " + line for line in config_text.splitlines())))
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        """Every number of ``record`` as a scalar at step ``record["epoch"]`` (accuracies in %)."""
-        if not self.enabled:
-            return
+    def _add(self, summary: Any, step: int | None = None) -> None:
+        from tensorboardX.proto import event_pb2
+
+        event = event_pb2.Event(wall_time=time.time(), summary=summary)
+        if step is not None:
+            event.step = step
+        self._events.write(event)
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        from tensorboardX.summary import scalar
+
         step = int(record["epoch"])
         for key, value in record.items():
             if key != "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
-                self._writer.add_scalar(tag(key), shown_value(key, float(value)), step)
+                self._add(scalar(tag(key), shown_value(key, float(value))), step)
+
+    def _fail(self, error: BaseException) -> None:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        logging.warning(
+            "cannot write TensorBoard events to %s (%s): TensorBoard is off for the rest of "
+            "this run; training, metrics.jsonl and the checkpoints go on, and a rerun writes "
+            "the events anew from metrics.jsonl",
+            self.logdir,
+            " ".join(str(reason).split())[:300],
+        )
+        self.enabled = False
+        self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        events, self._events = self._events, None
+        if events is not None:
+            events.close()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Every number of ``record`` as a scalar at step ``record["epoch"]`` (accuracies in %),
+        flushed."""
+        if not self.enabled:
+            return
+        try:
+            self._write(record)
+            self._events.flush()
+        except Exception as error:
+            self._fail(error)
 
     def close(self) -> None:
-        """Flushes the events to disk (also after an error)."""
-        if self.enabled:
-            self._writer.close()
+        """Flushes the events to disk and closes the file (also after an error)."""
+        if not self.enabled:
+            return
+        try:
+            self._events.flush()
+        except Exception as error:
+            self._fail(error)
+        self._close_quietly()
+
+
+class EventFile:
+    """One TensorBoard event file, written in the caller's thread (TFRecord framing, as
+    tensorboardX's ``RecordWriter``): ``events.out.tfevents.<time>.<host>`` in ``logdir``."""
+
+    def __init__(self, logdir: str) -> None:
+        from tensorboardX.proto import event_pb2
+
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+        self.path = os.path.join(logdir, name)
+        self._file = open(self.path, "wb")  # noqa: SIM115  (open until close())
+        self.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def write(self, event: Any) -> None:
+        """Appends ``event`` (an ``Event`` protocol buffer) to the file's buffer."""
+        from tensorboardX.record_writer import masked_crc32c
+
+        data = event.SerializeToString()
+        header = struct.pack("Q", len(data))
+        self._file.write(header + struct.pack("I", masked_crc32c(header)))
+        self._file.write(data + struct.pack("I", masked_crc32c(data)))
+
+    def flush(self) -> None:
+        """Writes the buffer out (the events are then readable; no fsync: they are a view)."""
+        self._file.flush()
+
+    def close(self) -> None:
+        """Closes the file; what cannot be written out then is dropped, never raised."""
+        try:
+            self._file.close()
+        except OSError:
+            # The buffer did not fit: close the descriptor under it too, so that nothing
+            # retries the write (and fails again) when the object is collected.
+            with contextlib.suppress(OSError):
+                self._file.raw.close()
 
 
 def add_picture(workdir: str, image_tag: str, png_path: str, step: int) -> str:
