@@ -511,7 +511,9 @@ def test_a_signalled_lost_or_stopped_process_ends_every_process_and_the_run_resu
     pair[0].kill()
     assert _exit_code(processes, pair[1], LOST_TIMEOUT) == exitcodes.LOST_PROCESS
     assert pair[0].wait(timeout=10) == -signal.SIGKILL
-    (error,) = _error_lines(processes, "kill1")
+    errors = _error_lines(processes, "kill1")
+    assert len(errors) == 1, processes.log("kill1")[-4000:]
+    (error,) = errors
     assert error.startswith("error: lost process 0 of 2, the coordinator"), error
     assert "process 1 stops too" in error and "rerun every process" in error
     assert f"resuming from the checkpoint of epoch {stopped}" in processes.log("kill1")

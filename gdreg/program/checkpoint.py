@@ -379,6 +379,17 @@ def save(
             _wait_for_threads(threads, seconds=30.0)
             held.clear()
             reason = _system_reason(error)
+            if not isinstance(reason, OSError) and jax.process_count() > 1:
+                # Not the file system: a collective of the save failed, i.e. another process
+                # is gone, and the runtime's own report follows. Logged as an error line of the
+                # runtime's format, so that the supervising parent holds it back with that
+                # report and names the lost process instead (gdreg.program.supervisor).
+                logging.error(
+                    "the checkpoint of epoch %d was not written: %s",
+                    epoch,
+                    " ".join(str(error).split())[:300],
+                )
+                raise
             raise CheckpointWriteFailed(
                 _write_failure(manager, epoch, state, reason), no_room=rundir.no_room(reason)
             ) from None
