@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of README "Performance", checked and measured in one command on a GPU node:
+# The GPU figures of docs/performance.md, checked and measured in one command on a GPU node:
 #
 #   launch/gpu_check.sh 2>&1 | tee gpu_check.txt
 #
@@ -9,7 +9,7 @@
 # times the regularized full-batch step (ResNet-18, width 64, 50,000 synthetic CIFAR-shaped
 # images, blocks of 128) and the SGD baseline (batch 128) in bfloat16 and float32, beside the
 # reference implementation's own step when PEER is given. It prints one name=value line per
-# figure, then the summary table in README's format (python -m gdreg.tools.gpu_check).
+# figure, then the summary table in docs/performance.md's format (python -m gdreg.tools.gpu_check).
 #
 # Environment:
 #   WHEELS=DIR   wheels of what the node lacks, installed with --no-index. Made on a machine

@@ -1,4 +1,5 @@
-"""Every config file and variant that the README names loads, validates and builds a run."""
+"""Every config file and variant that the README and the manual name loads, validates and builds a
+run."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def load_config_file(name: str):
 
 
 def readme_config_arguments() -> set[tuple[str, str | None]]:
-    """(file, argument) of every ``configs/FILE.py[:ARG]`` in the README (no ARG: None)."""
-    text = (REPO / "README.md").read_text()
+    """(file, argument) of every ``configs/FILE.py[:ARG]`` in the README and docs/ (no ARG:
+    None)."""
+    text = "\n".join(path.read_text() for path in [REPO / "README.md", *REPO.glob("docs/*.md")])
     found = re.findall(r"configs/(\w+)\.py(?::([\w,]+))?", text)
     return {(name, arg or None) for name, arg in found}
 
@@ -41,7 +43,7 @@ def every_variant() -> list[tuple[str, str | None]]:
     return variants
 
 
-def test_the_readme_names_only_variants_that_exist():
+def test_the_readme_and_the_manual_name_only_variants_that_exist():
     arguments = readme_config_arguments()
     assert ("resnet18_fb", "quick") in arguments and ("paper", "resnet50,strong") in arguments
     known = set(every_variant())

@@ -1,4 +1,5 @@
-"""The digits demonstration (configs/digits.py) trains to a real test accuracy on CPU."""
+"""The digits demonstration's configs (configs/digits.py); tests/test_readme.py runs the demo
+and checks the accuracies the README shows."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import os
 
 import pytest
 
-from gdreg.program import experiment, rundir
-from gdreg.program import loop as train
+from gdreg.program import experiment
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "digits.py")
 
@@ -34,15 +34,3 @@ def test_variants_are_valid_digits_configs(variant):
 def test_unknown_variant_names_the_known_ones():
     with pytest.raises(ValueError, match="fb_clip_reg"):
         digits_config("fb_reg")
-
-
-def test_fb_clip_reg_reaches_90_percent_test_accuracy(tmp_path):
-    config = digits_config("fb_clip_reg")
-    config.log.progress = False
-    config.checkpoint.every_epochs = 0  # only the final checkpoint
-    record = train.train_and_evaluate(config, str(tmp_path))
-    assert record["epoch"] == config.train.epochs
-    assert record["test_accuracy"] >= 0.90, record
-    metrics = rundir.read_metrics(str(tmp_path))
-    assert len(metrics) == config.train.epochs
-    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]

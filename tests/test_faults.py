@@ -390,7 +390,7 @@ NPZ_INPUT = {
         {"x_train": np.random.default_rng(0).uniform(0, 1, (64, 8, 8, 3)) / 255},
         "divided by 255 twice?",
     ),
-    # the README promises 1, 3 or 4 channels
+    # docs/options.md promises 1, 3 or 4 channels
     "npz 2 channels": (
         {"x_train": np.zeros((64, 8, 8, 2), np.uint8), "x_test": np.zeros((16, 8, 8, 2), np.uint8)},
         "has 2 channels; images have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels",

@@ -1,7 +1,7 @@
 """launch/gpu_check.sh in its CPU form: the checks, the figures and the table come out.
 
-On a GPU node the same script times ResNet-18 at full width on 50,000 images (README
-"Performance"); here it runs at toy sizes so that it cannot rot between GPU slots. The
+On a GPU node the same script times ResNet-18 at full width on 50,000 images
+(docs/performance.md); here it runs at toy sizes so that it cannot rot between GPU slots. The
 reference implementation's step is stood in for by a script that prints fixed figures, so
 that the ratios are checked against numbers known in advance.
 """

@@ -1,6 +1,6 @@
 """Model zoo (Flax Linen): the reference implementation's families (ResNets, CIFAR ResNets,
 DenseNet-BC, VGG with and without BN, PyramidNet, NFNet, its linear model) and two small
-CNNs; README "Models" lists them with their parameter counts.
+CNNs; docs/options.md, "Models", lists them with their parameter counts.
 
 >>> from gdreg.models import create_model
 >>> model = create_model("resnet18", num_classes=10)  # doctest: +SKIP

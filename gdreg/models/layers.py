@@ -209,7 +209,7 @@ def torch_dense(
 # Measured on the 2-core development machine for 3x3 filters on 32x32 inputs: 32 images at 64
 # channels take 556 ms in one piece and 109 ms as four 8-image chunks (the forward convolution:
 # 45 ms); 128 images at 16 channels take 193 ms in one piece and 13 ms in 8-image chunks. For
-# whole ResNet-18 steps see README "Performance".
+# whole ResNet-18 steps see docs/performance.md.
 #
 # Mathematically nothing changes: with x = [x_1; ...; x_C] split along the batch,
 #

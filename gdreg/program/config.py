@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.weight_decay = 5e-4
     config.optim.clip_norm = 0.25  # global L2 norm of the mean gradient; 0 turns clipping off
     # The optimizers and options of the reference implementation (gdreg.optim.chain.optimizer_chain;
-    # the README's "Optimizer, schedule and loss options" says what each computes).
+    # docs/options.md, "Optimizer, schedule and loss options", says what each computes).
     config.optim.name = "sgd"  # sgd | adam | adamw | gd_agc
     config.optim.modification = "none"  # none | lars | larc | sam
     config.optim.clip_norm_type = "2"  # norm of clip_norm and batch_clip: 2 | inf

@@ -75,7 +75,7 @@ def cpu_devices_for(requested: int, *, fullbatch: bool, batch_size: int = 0) -> 
 
     ``requested`` when positive; else one device per usable core for full-batch work (blocks
     are independent, so each core runs its own blocks, which beats one device that spreads
-    every small convolution over all cores; see README "Performance"), and for stochastic
+    every small convolution over all cores; see docs/performance.md), and for stochastic
     training the largest count up to the usable cores that divides ``batch_size`` (each
     minibatch is split evenly over the devices, :mod:`gdreg.engine.train_step`; 1 without a batch
     size).

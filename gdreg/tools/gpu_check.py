@@ -4,9 +4,9 @@
                                            # the reference implementation's step
     python -m gdreg.tools.gpu_check [--peer DIR] [--budget_seconds 60] [--allow_cpu]
 
-Made for a short, offline GPU slot (README "Performance"): it first checks that the device
+Made for a short, offline GPU slot (docs/performance.md): it first checks that the device
 computes what the CPU computes, then times what the paper's runs cost there, and prints one
-``name=value`` line per figure and, last, the summary table in README's format.
+``name=value`` line per figure and, last, the summary table in docs/performance.md's format.
 
 1. Correctness, at small size, against float64 on the host CPU (:func:`check_penalty`,
    :func:`check_engine`): the penalty's term ``strength * lr / 4 * H g`` computed on the device
@@ -26,7 +26,7 @@ computes what the CPU computes, then times what the paper's runs cost there, and
 4. With ``--peer DIR`` (a folder with the team's ``reference_step.py`` and the reference
    implementation's ``fullbatch/models``): the same steps with the paper authors' PyTorch code
    on the same device (float32, and its float16 ``mixed_precision``), and the ratios
-   reference / gdreg that README quotes.
+   reference / gdreg that docs/performance.md quotes.
 
 ``--allow_cpu`` runs everything on the CPU at toy sizes (width 4, 8x8 images), which is how
 the test suite keeps this script from rotting between GPU slots.
@@ -72,7 +72,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes to time.")
 
 
-#: The regularized step's settings beside the config file's row (README "Performance").
+#: The regularized step's settings beside the config file's row (docs/performance.md).
 BLOCK_SIZE = 128
 SGD_BATCH = 128
 DTYPES = ("bfloat16", "float32")
@@ -100,7 +100,7 @@ CPU_SIZES = Sizes(4, 64, 16, 16, (8, 8, 3), 512)
 
 
 def emit(name: str, value: Any) -> None:
-    """One figure, ``name=value``, on its own line (what README's table is filled from)."""
+    """One figure, ``name=value``, on its own line (what the table of docs/performance.md is filled from)."""
     text = f"{value:.4g}" if isinstance(value, float) else str(value)
     print(f"{name}={text}", flush=True)
 
@@ -340,7 +340,7 @@ def reference_figures(
 
 
 def summary_table(figures: dict[str, float | str], device_kind: str, sizes: Sizes) -> str:
-    """README's table of the GPU figures."""
+    """The table of GPU figures of docs/performance.md."""
 
     def cell(name: str, digits: str = ".3g") -> str:
         value = figures.get(name)
