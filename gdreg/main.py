@@ -84,6 +84,15 @@ def _start(stop: preemption.StopRequest) -> int:
     # Libraries that log through absl (orbax: dozens of lines per checkpoint) speak only up
     # from warnings; gdreg's own messages go through the root logger.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from gdreg.program import config as config_lib
+
+    try:
+        # The schema's checks need no JAX: a mistake in a field is reported in a second,
+        # before JAX, the data and the runtime load (the model and the data are checked later).
+        config_lib.validate(FLAGS.config)
+    except config_lib.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exitcodes.BAD_INPUT
     from gdreg.program import distributed
 
     train_config = FLAGS.config.get("train", {})

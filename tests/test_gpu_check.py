@@ -67,7 +67,7 @@ def test_the_cpu_form_checks_times_and_prints_the_table(tmp_path):
         float(figures["sgd_float32_images_per_second"]) / 40.0, rel=1e-3
     )
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| ResNet-18 (width 4), 64 images, one cpu | bfloat16 | float32 |")
+    assert table[0].startswith("| convnet2 (width 4), 64 images, one cpu | bfloat16 | float32 |")
     assert "| reference / gdreg | n/a |" in "\n".join(table)  # bfloat16 was not asked for
 
 
@@ -131,6 +131,7 @@ def test_on_a_gpu_the_chosen_shape_is_timed_alone(monkeypatch):
     assert "--sweep" in sweep and "--config.train.autotune_seconds=30.0" in sweep
     assert "--config.train.block_size=128" in sweep and "--images=50000" in sweep
     assert "--config.model.width=64" in sweep and "--config.model.dtype=bfloat16" in sweep
+    assert "--config.model.name=resnet18" in sweep
     assert timed[-4:] == [
         "--config.train.blocks_per_microbatch=8",
         "--config.train.microbatch_loop=scan",

@@ -14,8 +14,9 @@ Compared after every step: parameters, momentum buffers and BatchNorm running st
 tensor's sampled values and norm, against the tensor's norm: :func:`relative_error`) to 1e-12
 for the first 5 steps and to 1e-9 for all 40; the reference's logged figures to 1e-12 for 5
 steps and to 1e-8 for all 40 (see ``FIGURES_RTOL``). After step 40 gdreg's eval-mode accuracy
-on the training images, on its own running statistics, equals the reference's (127/128 with
-warmup 0, 128/128 with warmup 2).
+on the training images, on its own running statistics, equals the reference's (128/128). All 40
+steps are compared with warmup 2, the first 5 with warmup 0 (``STEPS_COMPARED``; the fixture
+holds 40 of both, and the measurements below cover both).
 
 What is left is float64 round-off (gdreg sums over 2 devices and XLA's kernels, the reference
 over PyTorch's, in other orders), grown by training at the peak learning rate (0.8; the cosine
@@ -42,6 +43,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from gdreg.engine.mesh import data_mesh, fetch_replicated, replicate
+from gdreg.engine.objective import make_predict_fn
 from gdreg.program import experiment
 from gdreg.program import loop as train
 
@@ -84,6 +86,12 @@ def relative_error(actual, expected) -> np.ndarray:
     return np.max(np.abs(actual - expected) / norm, axis=-1)
 
 
+#: Steps compared per warmup: all 40 with warmup 2, whose loss spike at step 37 makes it the
+#: harder of the two (its step-40 error is 100x warmup 0's) and whose eval-mode accuracy reaches
+#: 100% there; the first 5 with warmup 0, which the fixture also holds for 40 steps.
+STEPS_COMPARED = {0: FIRST_STEPS, 2: 40}
+
+
 @pytest.mark.parametrize("warmup", fixture_lib.WARMUPS)
 def test_forty_float64_steps_agree_with_the_reference_implementation(x64, warmup):
     expected = dict(np.load(os.path.join(HERE, "fixtures", "reference_steps.npz")))
@@ -117,7 +125,8 @@ def test_forty_float64_steps_agree_with_the_reference_implementation(x64, warmup
     state = replicate(state, run.mesh)
     train_step = train.make_step(run)
     worst = []  # per step: the largest relative error of each group
-    for k in range(1, fixture_lib.STEPS + 1):
+    steps = STEPS_COMPARED[warmup]
+    for k in range(1, steps + 1):
         state, record = train.run_epoch(run, state, train_step)
         tolerance = FIRST_RTOL if k <= FIRST_STEPS else RTOL
         got = {
@@ -150,10 +159,12 @@ def test_forty_float64_steps_agree_with_the_reference_implementation(x64, warmup
     for k, errors in enumerate(worst, start=1):
         print(f"warmup {warmup} step {k}: " + " ".join(f"{g}={e:.2e}" for g, e in errors.items()))
 
+    if steps < fixture_lib.STEPS:
+        return
     # Eval mode on gdreg's own running statistics classifies the training images as the
     # reference's model does after its last step.
     final = fetch_replicated((state.params, state.model_state))
-    logits = jax.jit(experiment.make_predict_fn(run.model))(*final, inputs)
+    logits = jax.jit(make_predict_fn(run.model))(*final, inputs)
     correct = int(np.sum(np.argmax(np.asarray(logits), axis=-1) == labels))
     reference_correct = round(float(expected[f"{prefix}/eval_train_accuracy"]) * len(labels))
     assert correct == reference_correct
