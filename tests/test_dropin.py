@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import optax.contrib
 import pytest
+from explicit_hessian import assert_tree_close, penalized_reference
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
@@ -31,22 +32,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 STRENGTH, LR = 0.5, 0.3
 
 
-def _assert_tree_close(actual, expected, rtol, atol=0.0):
-    actual_flat, _ = ravel_pytree(jax.tree.map(np.asarray, actual))
-    expected_flat, _ = ravel_pytree(jax.tree.map(np.asarray, expected))
-    np.testing.assert_allclose(np.asarray(actual_flat), np.asarray(expected_flat), rtol, atol)
-
-
-def _reference(loss_of_params, params, strength=STRENGTH, lr=LR):
-    """g + strength * lr / 4 * H g from the explicit Hessian of the flattened parameters."""
-    flat, unravel = ravel_pytree(params)
-
-    def flat_loss(z):
-        return loss_of_params(unravel(z))
-
-    g = jax.grad(flat_loss)(flat)
-    hessian = jax.hessian(flat_loss)(flat)
-    return unravel(g + strength * lr / 4 * hessian @ g)
+def _closed_form(loss_of_params, params, strength=STRENGTH, lr=LR):
+    return penalized_reference(loss_of_params, params, strength=strength, lr=lr)
 
 
 class _TanhMLP(nn.Module):
@@ -85,12 +72,12 @@ def test_value_and_penalized_grad_equals_explicit_hessian(x64, method, eps, rtol
     )
     value, grads = jax.jit(f)(params, x, y)
     np.testing.assert_allclose(value, loss_fn(params, x, y), rtol=1e-14)
-    _assert_tree_close(grads, _reference(lambda p: loss_fn(p, x, y), params), rtol=rtol)
+    assert_tree_close(grads, _closed_form(lambda p: loss_fn(p, x, y), params), rtol=rtol)
 
 
 def test_forward_differences_converge_to_the_exact_penalty(x64):
     loss_fn, params, x, y = _mlp_problem()
-    expected = _reference(lambda p: loss_fn(p, x, y), params)
+    expected = _closed_form(lambda p: loss_fn(p, x, y), params)
     g = jax.grad(loss_fn)(params, x, y)
     errors = []
     for eps in (1e-3, 1e-4):
@@ -124,12 +111,12 @@ def test_schedules_aux_and_learning_rate_at_call_time(x64):
     for step in (0, 2):
         (_, aux), grads = scheduled(params, x, y, step=step)
         np.testing.assert_allclose(aux["mean_target"], np.mean(y))
-        expected = _reference(
+        expected = _closed_form(
             lambda p: loss_fn(p, x, y), params, strength=strengths(step), lr=schedule(step)
         )
-        _assert_tree_close(grads, expected, rtol=1e-11)
+        assert_tree_close(grads, expected, rtol=1e-11)
     _, grads = at_call(params, x, y, learning_rate=0.2)
-    _assert_tree_close(grads, _reference(lambda p: loss_fn(p, x, y), params, lr=0.2), rtol=1e-11)
+    assert_tree_close(grads, _closed_form(lambda p: loss_fn(p, x, y), params, lr=0.2), rtol=1e-11)
 
     with pytest.raises(ValueError, match="step"):
         scheduled(params, x, y)
@@ -231,8 +218,8 @@ def test_data_parallel_equals_single_device(method):
     rtol = 1e-5 if method == "jvp" else 2e-3
     for name in ("checked", "unchecked", "pmap"):
         np.testing.assert_allclose(results[name][0], value, rtol=1e-6)
-        _assert_tree_close(results[name][1], grads, rtol=rtol, atol=1e-7)
-    _assert_tree_close(results["transform"], grads, rtol=rtol, atol=1e-7)
+        assert_tree_close(results[name][1], grads, rtol=rtol, atol=1e-7)
+    assert_tree_close(results["transform"], grads, rtol=rtol, atol=1e-7)
 
 
 def test_a_loss_averaged_over_devices_is_refused():
@@ -297,11 +284,11 @@ def test_inject_hyperparams_follows_a_changed_learning_rate():
     out, _ = update(state)
     plain = gdreg.gradient_norm_penalty(learning_rate=LR, strength=STRENGTH, method="jvp")
     expected, _ = plain.update(grad_fn(params), plain.init(params), params, penalty_grad_fn=grad_fn)
-    _assert_tree_close(out, expected, rtol=1e-5)  # float32, jitted against eager
+    assert_tree_close(out, expected, rtol=1e-5)  # float32, jitted against eager
     state.hyperparams["learning_rate"] = jnp.asarray(2 * LR)  # as reduce-on-plateau would
     out, _ = update(state)
     doubled = jax.tree.map(lambda e, g: g + 2 * (e - g), expected, grad_fn(params))
-    _assert_tree_close(out, doubled, rtol=1e-5)  # float32, jitted against eager
+    assert_tree_close(out, doubled, rtol=1e-5)  # float32, jitted against eager
 
 
 def test_strength_schedule_and_sam_in_one_chain():
@@ -318,7 +305,7 @@ def test_strength_schedule_and_sam_in_one_chain():
         expected, _ = fixed.update(
             grad_fn(params), fixed.init(params), params, penalty_grad_fn=grad_fn
         )
-        _assert_tree_close(out, expected, rtol=1e-6)
+        assert_tree_close(out, expected, rtol=1e-6)
 
     # optax.contrib.sam accepts no keyword but its grad_fn(params, i): the penalty reads it too.
     sam = optax.contrib.sam(
@@ -337,7 +324,7 @@ def test_strength_schedule_and_sam_in_one_chain():
         grad_fn(params), penalty.init(params), params, penalty_grad_fn=grad_fn
     )
     expected, _ = sam.update(penalized, sam.init(params), params, grad_fn=sam_grad_fn)
-    _assert_tree_close(out, expected, rtol=1e-6)
+    assert_tree_close(out, expected, rtol=1e-6)
     with pytest.raises(ValueError, match="penalty_grad_fn=<params -> gradient>"):
         penalty.update(grad_fn(params), penalty.init(params), params, grad_fn=grad_fn)
     # Without the opt-in a grad_fn is refused: the old one-argument convention, or a
@@ -376,7 +363,7 @@ def test_multisteps_accumulates_penalized_gradients():
         updates, state = accumulate.update(grads, state, new_params)
         new_params = optax.apply_updates(new_params, updates)
     mean = jax.tree.map(lambda a, b: (a + b) / 2, *penalized)
-    _assert_tree_close(new_params, jax.tree.map(lambda p, g: p - LR * g, params, mean), rtol=1e-6)
+    assert_tree_close(new_params, jax.tree.map(lambda p, g: p - LR * g, params, mean), rtol=1e-6)
 
 
 def _misuse_cases():
@@ -469,7 +456,7 @@ def test_penalty_train_state_forwards_update_arguments():
         lambda s: s.apply_gradients(grads=grad_fn(s.params), penalty_grad_fn=grad_fn)
     )(state)
     updates, _ = tx.update(grad_fn(params), tx.init(params), params, penalty_grad_fn=grad_fn)
-    _assert_tree_close(stepped.params, optax.apply_updates(params, updates), rtol=1e-6)
+    assert_tree_close(stepped.params, optax.apply_updates(params, updates), rtol=1e-6)
     assert int(stepped.step) == 1 and stepped.tx is tx
 
     class WithStatistics(gdreg.PenaltyTrainState):
@@ -480,7 +467,7 @@ def test_penalty_train_state_forwards_update_arguments():
         grads=grad_fn(params), penalty_grad_fn=grad_fn, statistics={"n": 1}
     )
     assert stepped.statistics == {"n": 1}  # a field: replaced, as in Flax
-    _assert_tree_close(stepped.params, optax.apply_updates(params, updates), rtol=1e-6)
+    assert_tree_close(stepped.params, optax.apply_updates(params, updates), rtol=1e-6)
 
 
 # flax's Dropout scatters a float32 constant into float64 activations under x64: its warning.
@@ -527,8 +514,8 @@ def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64, method, e
     def loss_of_params(p):
         return _nnx_loss(nnx.merge(graphdef, p, rest, copy=True), x, y)
 
-    _assert_tree_close(
-        grads, _reference(loss_of_params, nnx.to_pure_dict(params)), rtol=rtol, atol=atol
+    assert_tree_close(
+        grads, _closed_form(loss_of_params, nnx.to_pure_dict(params)), rtol=rtol, atol=atol
     )
 
     # The model's state moved as after one plain call: same running statistics, same RNG count.
@@ -542,7 +529,7 @@ def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64, method, e
 
         return jax.tree.map(comparable, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param))))
 
-    _assert_tree_close(other_state(model), other_state(plain), rtol=0)
+    assert_tree_close(other_state(model), other_state(plain), rtol=0)
     assert not np.allclose(  # the check can fail: the statistics did move
         ravel_pytree(other_state(model))[0], ravel_pytree(other_state(before))[0]
     )
@@ -653,8 +640,8 @@ def test_readme_snippet_losses_with_the_penalty_equal_the_explicit_hessian(x64):
     params = _float64(plain["params"])
     x, y = _float64((plain["x_train"][batch], plain["y_train"][batch]))
     f = gdreg.value_and_penalized_grad(plain["loss_fn"], learning_rate=LR, method="jvp")
-    expected = _reference(lambda p: plain["loss_fn"](p, x, y), params)
-    _assert_tree_close(f(params, x, y)[1], expected, rtol=1e-10, atol=1e-14)
+    expected = _closed_form(lambda p: plain["loss_fn"](p, x, y), params)
+    assert_tree_close(f(params, x, y)[1], expected, rtol=1e-10, atol=1e-14)
 
     linen = _snippet("penalty_linen")
     state = linen["state"]
@@ -663,9 +650,9 @@ def test_readme_snippet_losses_with_the_penalty_equal_the_explicit_hessian(x64):
     loss_fn = linen["loss_fn"]
     f = gdreg.value_and_penalized_grad(loss_fn, learning_rate=LR, method="jvp", has_aux=True)
     (_, new_stats), grads = f(params, stats, x, y)
-    expected = _reference(lambda p: loss_fn(p, stats, x, y)[0], params)
-    _assert_tree_close(grads, expected, rtol=1e-10, atol=1e-14)
-    _assert_tree_close(new_stats, loss_fn(params, stats, x, y)[1], rtol=1e-14)
+    expected = _closed_form(lambda p: loss_fn(p, stats, x, y)[0], params)
+    assert_tree_close(grads, expected, rtol=1e-10, atol=1e-14)
+    assert_tree_close(new_stats, loss_fn(params, stats, x, y)[1], rtol=1e-14)
 
     nnx_snippet = _snippet("penalty_nnx")
     graphdef, params, rest = nnx.split(nnx_snippet["model"], nnx.Param, ...)
@@ -680,8 +667,8 @@ def test_readme_snippet_losses_with_the_penalty_equal_the_explicit_hessian(x64):
         return loss_fn(nnx.merge(train_graphdef, p, train_rest, copy=True), x, y)
 
     # The reference first: the step below moves the model's state, which train_rest shares.
-    expected = _reference(loss_of_params, params)
+    expected = _closed_form(loss_of_params, params)
     _, grads = gdreg.nnx_value_and_penalized_grad(loss_fn, learning_rate=LR, method="jvp")(
         model, x, y
     )
-    _assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-10, atol=1e-14)
+    assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-10, atol=1e-14)

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import optax.contrib
 import pytest
+from explicit_hessian import assert_tree_close, penalized_reference
 from flax import nnx
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
@@ -33,21 +34,8 @@ STRENGTH, LR = 0.5, 0.3
 MISMATCH = "differs from the incoming gradient"
 
 
-def _assert_tree_close(actual, expected, rtol, atol=0.0):
-    actual_flat, _ = ravel_pytree(jax.tree.map(np.asarray, actual))
-    expected_flat, _ = ravel_pytree(jax.tree.map(np.asarray, expected))
-    np.testing.assert_allclose(np.asarray(actual_flat), np.asarray(expected_flat), rtol, atol)
-
-
-def _reference(loss_of_params, params, strength=STRENGTH, lr=LR):
-    """g + strength * lr / 4 * H g from the explicit Hessian of the flattened parameters."""
-    flat, unravel = ravel_pytree(params)
-
-    def flat_loss(z):
-        return loss_of_params(unravel(z))
-
-    g = jax.grad(flat_loss)(flat)
-    return unravel(g + strength * lr / 4 * jax.hessian(flat_loss)(flat) @ g)
+def _closed_form(loss_of_params, params, strength=STRENGTH, lr=LR):
+    return penalized_reference(loss_of_params, params, strength=strength, lr=lr)
 
 
 def _relative(a, b):
@@ -107,11 +95,11 @@ def test_pmap_without_axis_name_is_refused_and_with_it_a_second_pmean_is_harmles
     local = gdreg.value_and_penalized_grad(loss_fn, learning_rate=LR, check=False)
     grads = _pmapped(lambda p, xb, yb: jax.lax.pmean(local(p, xb, yb)[1], "batch"), x, y, params)
     wrong = jax.tree.map(lambda g: g[0], grads)
-    assert _relative(wrong, _reference(lambda p: loss_fn(p, x, y), params)) > 1e-3
+    assert _relative(wrong, _closed_form(lambda p: loss_fn(p, x, y), params)) > 1e-3
     grads = _pmapped(functools.partial(train_step, axis_name="batch"), x, y, params)
-    expected = _reference(lambda p: loss_fn(p, x, y), params)
+    expected = _closed_form(lambda p: loss_fn(p, x, y), params)
     for device in range(4):  # every device holds the whole batch's penalized gradient
-        _assert_tree_close(jax.tree.map(lambda g, d=device: g[d], grads), expected, rtol=1e-10)
+        assert_tree_close(jax.tree.map(lambda g, d=device: g[d], grads), expected, rtol=1e-10)
 
 
 def test_shard_map_without_axis_name_is_refused_unless_the_loss_is_the_global_mean(x64):
@@ -128,11 +116,11 @@ def test_shard_map_without_axis_name_is_refused_unless_the_loss_is_the_global_me
 
     with pytest.raises(ValueError, match="varies over the mesh axis 'data'"):
         run(loss_fn)
-    expected = _reference(lambda p: loss_fn(p, x, y), params)
-    _assert_tree_close(run(loss_fn, axis_name="data"), expected, rtol=1e-10)
+    expected = _closed_form(lambda p: loss_fn(p, x, y), params)
+    assert_tree_close(run(loss_fn, axis_name="data"), expected, rtol=1e-10)
     # A loss that is already the mean over the devices is the whole batch's loss: right as is.
     global_mean = lambda p, xb, yb: jax.lax.pmean(loss_fn(p, xb, yb), "data")  # noqa: E731
-    _assert_tree_close(run(global_mean), expected, rtol=1e-10)
+    assert_tree_close(run(global_mean), expected, rtol=1e-10)
 
 
 # --- the optax transform: misuse caught by the default check ------------------------------------
@@ -244,7 +232,7 @@ def test_default_check_costs_one_gradient_per_run(x64, method):
         extra = 1 if step == 0 and method != "jvp" else 0
         assert len(calls) == per_update + extra, (step, len(calls))
     rtol = 1e-10 if method == "jvp" else 1e-4
-    _assert_tree_close(out, _reference(lambda p: loss_fn(p, x, y), params), rtol=rtol)
+    assert_tree_close(out, _closed_form(lambda p: loss_fn(p, x, y), params), rtol=rtol)
 
 
 def test_engine_update_keyword_switches_the_check_off():
@@ -278,8 +266,8 @@ def test_a_rate_that_moves_at_run_time_is_passed_at_each_call(x64):
         rate = opt_state[0].hyperparams["learning_rate"] * opt_state[1].scale
         return value_and_grad(params, x, y, learning_rate=rate)[1]
 
-    expected = _reference(lambda p: loss_fn(p, x, y), params, lr=LR / 4)
-    _assert_tree_close(step(params, opt_state), expected, rtol=1e-10)
+    expected = _closed_form(lambda p: loss_fn(p, x, y), params, lr=LR / 4)
+    assert_tree_close(step(params, opt_state), expected, rtol=1e-10)
 
 
 def test_warmup_from_zero_is_legal_and_negative_rates_fail_eagerly_and_under_jit(x64):
@@ -288,11 +276,11 @@ def test_warmup_from_zero_is_legal_and_negative_rates_fail_eagerly_and_under_jit
     warmup = optax.linear_schedule(0.0, LR, transition_steps=4)
     f = gdreg.value_and_penalized_grad(loss_fn, learning_rate=warmup)
     plain = jax.grad(loss_fn)(params, x, y)
-    _assert_tree_close(f(params, x, y, step=0)[1], plain, rtol=1e-14)
-    _assert_tree_close(jax.jit(f)(params, x, y, step=0)[1], plain, rtol=1e-14)
-    _assert_tree_close(
+    assert_tree_close(f(params, x, y, step=0)[1], plain, rtol=1e-14)
+    assert_tree_close(jax.jit(f)(params, x, y, step=0)[1], plain, rtol=1e-14)
+    assert_tree_close(
         jax.jit(f)(params, x, y, step=4)[1],
-        _reference(lambda p: loss_fn(p, x, y), params),
+        _closed_form(lambda p: loss_fn(p, x, y), params),
         rtol=1e-10,
     )
     gdreg.gradient_norm_penalty(learning_rate=0.0)  # legal: the identity
@@ -340,11 +328,11 @@ def test_nnx_fine_tuning_one_layer_penalizes_the_trained_layer_only(x64):
     def loss_of_head(p):
         return loss_fn(nnx.merge(graphdef, p, rest, copy=True), x, y)
 
-    expected = _reference(loss_of_head, nnx.to_pure_dict(trained))
+    expected = _closed_form(loss_of_head, nnx.to_pure_dict(trained))
     for kwargs in ({"wrt": head}, {"argnums": nnx.DiffState(0, head)}):
         f = gdreg.nnx_value_and_penalized_grad(loss_fn, learning_rate=LR, **kwargs)
         _, grads = f(nnx.clone(model), x, y)
-        _assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-10)
+        assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-10)
     everything = gdreg.nnx_value_and_penalized_grad(loss_fn, learning_rate=LR)
     _, grads = everything(nnx.clone(model), x, y)
     # What nnx.Optimizer(wrt=head) would keep of a penalty over all parameters: another one.
@@ -391,8 +379,8 @@ def test_nnx_rngs_passed_at_call_time(x64):
         return loss_fn(m, batch, r)[0]
 
     pure = nnx.to_pure_dict(params)
-    expected = _reference(lambda p: loss_of_params({0: p, 1: {}}), pure[0])
-    _assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-10, atol=1e-14)
+    expected = _closed_form(lambda p: loss_of_params({0: p, 1: {}}), pure[0])
+    assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(loss, loss_of_params(pure), rtol=1e-14)
     assert int(rngs.default.count[...]) == int(rngs_before.default.count[...]) + 1  # once
 
@@ -448,11 +436,11 @@ def test_default_method_is_exact_on_relu_cnn_at_initialization(x64):
     def loss_fn(p, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
 
-    expected = _reference(lambda p: loss_fn(p, images, labels), params)
+    expected = _closed_form(lambda p: loss_fn(p, images, labels), params)
     _, grads = jax.jit(gdreg.value_and_penalized_grad(loss_fn, learning_rate=LR))(
         params, images, labels
     )
-    _assert_tree_close(grads, expected, rtol=1e-10, atol=1e-15)
+    assert_tree_close(grads, expected, rtol=1e-10, atol=1e-15)
     plain = jax.grad(loss_fn)(params, images, labels)
     exact_term = jax.tree.map(jnp.subtract, expected, plain)
     forward = gdreg.value_and_penalized_grad(loss_fn, learning_rate=LR, method="forward")
@@ -484,7 +472,7 @@ def test_jvp_through_custom_vjp_names_forward_differences(x64):
     flat_loss = lambda z: custom_loss(unravel(z), x, y)  # noqa: E731
     g = jax.grad(flat_loss)(flat)
     expected = unravel(g + STRENGTH * LR / 4 * jax.jacrev(jax.grad(flat_loss))(flat) @ g)
-    _assert_tree_close(grads, expected, rtol=1e-6, atol=1e-12)
+    assert_tree_close(grads, expected, rtol=1e-6, atol=1e-12)
 
 
 # --- DynamicScale (float16 loss scaling) --------------------------------------------------------
@@ -511,9 +499,9 @@ def test_with_penalized_gradient_under_dynamic_scale(x64):
     result = jax.pmap(
         train_step, axis_name="batch", in_axes=(None, 0, 0, None), devices=jax.devices()[:4]
     )(params, x.reshape(4, -1, 3), y.reshape(4, -1, 2), scale)
-    expected = _reference(lambda p: loss_fn(p, x, y), params)
+    expected = _closed_form(lambda p: loss_fn(p, x, y), params)
     # DynamicScale hands back float32 gradients.
-    _assert_tree_close(jax.tree.map(lambda g: g[0], result.grad), expected, rtol=1e-5)
+    assert_tree_close(jax.tree.map(lambda g: g[0], result.grad), expected, rtol=1e-5)
     assert bool(result.finite[0])
     np.testing.assert_allclose(result.aux[0][0], loss_fn(params, x[:4], y[:4]), rtol=1e-12)
 

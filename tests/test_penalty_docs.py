@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from explicit_hessian import assert_tree_close, penalized_reference
 from flax import nnx
-from jax.flatten_util import ravel_pytree
 
 import gdreg
 
@@ -33,6 +33,10 @@ DOCS = ROOT / "docs"
 PAGE = DOCS / "penalty.md"
 LOOPS = ("linen_mnist", "nnx_mnist", "imagenet_step")
 FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+def _closed_form(loss_of_params, params, strength=0.5, lr=0.1):
+    return penalized_reference(loss_of_params, params, strength=strength, lr=lr)
 
 
 def _blocks(language: str) -> list[str]:
@@ -47,23 +51,6 @@ def _loop_diff(name: str) -> str:
             before, after, f"docs/loops/{name}.py", f"docs/loops/{name}_penalty.py", n=1
         )
     )
-
-
-def _reference(loss_of_params, params, strength=0.5, lr=0.1):
-    """g + strength * lr / 4 * H g from the explicit Hessian of the flattened parameters."""
-    flat, unravel = ravel_pytree(params)
-
-    def flat_loss(z):
-        return loss_of_params(unravel(z))
-
-    g = jax.grad(flat_loss)(flat)
-    return unravel(g + strength * lr / 4 * jax.hessian(flat_loss)(flat) @ g)
-
-
-def _assert_tree_close(actual, expected, rtol, atol=0.0):
-    actual_flat, _ = ravel_pytree(jax.tree.map(np.asarray, actual))
-    expected_flat, _ = ravel_pytree(jax.tree.map(np.asarray, expected))
-    np.testing.assert_allclose(np.asarray(actual_flat), np.asarray(expected_flat), rtol, atol)
 
 
 # --- the page ---------------------------------------------------------------------------------
@@ -167,7 +154,7 @@ def test_linen_mnist_step_is_the_explicit_penalty(x64):
         logits = state.apply_fn({"params": params}, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    _assert_tree_close(grads, _reference(loss, state.params), rtol=1e-9, atol=1e-15)
+    assert_tree_close(grads, _closed_form(loss, state.params), rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("penalty", [False, True], ids=["flax", "penalty"])
@@ -195,12 +182,12 @@ def test_nnx_mnist_recipe_line_is_the_explicit_penalty(x64):
         m, r = nnx.merge(graphdef, {0: p, 1: {}}, rest, copy=True)
         return example["loss_fn"](m, batch, r)[0]
 
-    expected = _reference(loss, nnx.to_pure_dict(params)[0], lr=example["learning_rate"])
+    expected = _closed_form(loss, nnx.to_pure_dict(params)[0], lr=example["learning_rate"])
     grad_fn = gdreg.nnx_value_and_penalized_grad(
         example["loss_fn"], has_aux=True, learning_rate=example["learning_rate"]
     )
     _, grads = grad_fn(model, batch, rngs)
-    _assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-9, atol=1e-15)
+    assert_tree_close(nnx.to_pure_dict(grads), expected, rtol=1e-9, atol=1e-15)
 
 
 def _imagenet_history(penalty: bool, half_precision: bool) -> list[float]:
@@ -271,10 +258,10 @@ def test_imagenet_step_is_the_explicit_penalty_of_the_whole_batch(x64):
         return example["cross_entropy_loss"](logits, labels) + 0.0001 * 0.5 * l2
 
     lr = float(learning_rate_fn(step))
-    expected = _reference(loss, state.params, lr=lr)
+    expected = _closed_form(loss, state.params, lr=lr)
     # Nesterov SGD from a zero trace: params - lr * (1 + momentum) * g.
     used = jax.tree.map(
         lambda old, new: (old - new) / (lr * (1 + config.momentum)), state.params, new_state.params
     )
     # (the update is ~1e-6 of the parameters: their difference keeps ~8 digits)
-    _assert_tree_close(used, expected, rtol=1e-6, atol=1e-12)
+    assert_tree_close(used, expected, rtol=1e-6, atol=1e-12)
