@@ -32,7 +32,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gdreg.engine.fullbatch import FullBatchGradient, FullBatchResult, compiled_flops
+from gdreg.engine.fullbatch import FullBatchGradient, FullBatchResult, hlo_flops
 from gdreg.engine.mesh import DATA_AXIS, fetch_replicated
 from gdreg.engine.signatures import PyTree
 from gdreg.optim import sam
@@ -353,4 +353,4 @@ class TrainStep:
         of the one-device count."""
         order = jax.ShapeDtypeStruct((1, batch_size), jnp.int32, sharding=self._order_sharding)
         scalar = jnp.asarray(0, jnp.int32)
-        return compiled_flops(self._minibatch, _epoch_carry(state), order, 0, scalar, scalar, data)
+        return hlo_flops(self._minibatch, _epoch_carry(state), order, 0, scalar, scalar, data)

@@ -270,13 +270,21 @@ def parse_fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", line))
 
 
+#: The environment this command was started with (see :func:`main`).
+_PARENT_ENVIRONMENT: dict[str, str] = {}
+
+
 def _run(command: Sequence[str], env: dict[str, str] | None = None) -> str:
     """Runs a command of the check; its stdout, or a one-line error naming it (exit 1)."""
+    environment = {**(_PARENT_ENVIRONMENT or os.environ), **(env or {})}
     result = subprocess.run(
-        list(command), capture_output=True, text=True, env=env, check=False, timeout=600
+        list(command), capture_output=True, text=True, env=environment, check=False, timeout=360
     )
     if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        # The tail of the failed command's own output, for the one look a GPU slot allows.
+        print("\n".join(f"  | {line}" for line in lines[-20:]), file=sys.stderr, flush=True)
+        last = lines[-1]
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({result.returncode}): {last}")
     return result.stdout
 
@@ -306,6 +314,8 @@ def full_batch_figures(
     shape = []
     if budget is not None:
         sweep = _run([*step, "--sweep", f"--config.train.autotune_seconds={budget}"])
+        # The candidates' times, as comments: what the tuner saw is worth a look on a new GPU.
+        print("\n".join(f"# {line}" for line in sweep.splitlines()), flush=True)
         chosen = parse_fields(
             next(line for line in sweep.splitlines() if line.startswith("chosen"))
         )
@@ -341,7 +351,7 @@ def reference_figures(
         *(["--amp"] if amp else []),
         *(["--sgd"] if sgd else []),
     ]
-    return parse_fields(_run(command, env={**os.environ, "AUTHORS_DIR": peer}).strip())
+    return parse_fields(_run(command, env={"AUTHORS_DIR": peer}).strip())
 
 
 def summary_table(figures: dict[str, float | str], device_kind: str, sizes: Sizes) -> str:
@@ -386,8 +396,14 @@ def _number(value: str | None) -> float | str:
 def run_check(
     sizes: Sizes, *, peer: str | None, budget: float, steps: int, dtypes: Sequence[str]
 ) -> int:
-    """All four parts; the exit status (1 if the device computes something else). On a CPU
-    the loop shape is not timed (the CPU's best one is known)."""
+    """All four parts; the exit status (1 if the device computes something else, or a figure
+    failed). On a CPU the loop shape is not timed (the CPU's best one is known).
+
+    A GPU slot is short and often used once, so a figure that fails (a step out of memory, a
+    reference that does not start) is reported on its own ``error:`` line and the others are
+    still measured; each dtype's figures come with the reference's beside them, so that a run
+    cut short by the slot's end still holds comparable pairs."""
+    started = time.perf_counter()
     device = jax.devices()[0]
     emit("device_kind", device.device_kind.replace(" ", "_"))
     emit("jax_version", jax.__version__)
@@ -402,11 +418,35 @@ def run_check(
             )
             return 1
     figures: dict[str, float | str] = {}
+    failed: list[str] = []
+
+    def measure(name: str, part: Any) -> dict[str, str]:
+        try:
+            return part()
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            failed.append(name)
+            print(f"error: {name}: {error}", file=sys.stderr, flush=True)
+            return {}
+        finally:
+            emit(f"elapsed_s_after_{name}", round(time.perf_counter() - started, 1))
+
+    def record(names: Sequence[str]) -> None:
+        for name in names:
+            if name in figures:
+                emit(name, figures[name])
+
     tuned = jax.default_backend() != "cpu"
+    torch_device = "cpu" if not tuned else "cuda"
     for dtype in dtypes:
         rate = peak_matmul_rate(sizes.matmul, dtype)
         figures[f"peak_matmul_tflops_{dtype}"] = rate / 1e12
-        fb = full_batch_figures(sizes, dtype, budget / len(dtypes) if tuned else None, steps)
+        record([f"peak_matmul_tflops_{dtype}"])
+        fb = measure(
+            f"fb_{dtype}",
+            lambda dtype=dtype: full_batch_figures(
+                sizes, dtype, budget / len(dtypes) if tuned else None, steps
+            ),
+        )
         seconds = _number(fb.get("seconds_per_step"))
         flop = _number(fb.get("tflop_per_step"))
         figures[f"fb_{dtype}_seconds_per_step"] = seconds
@@ -420,39 +460,44 @@ def run_check(
         figures[f"fb_{dtype}_loop_shape"] = "{}/{}/{}".format(
             fb.get("blocks_per_microbatch"), fb.get("microbatch_loop"), fb.get("block_loop")
         )
-        sgd = sgd_figures(sizes, dtype, steps)
-        figures[f"sgd_{dtype}_images_per_second"] = _number(sgd.get("images_per_second"))
-        for name in (f"peak_matmul_tflops_{dtype}", *(k for k in figures if f"_{dtype}_" in k)):
-            emit(name, figures[name])
-    if peer:
-        torch_device = "cpu" if jax.default_backend() == "cpu" else "cuda"
-        for dtype in dtypes:
-            amp = dtype != "float32"
-            # The reference's mixed precision is float16 autocast: its counterpart of bfloat16.
-            fb = reference_figures(
-                peer, sizes, amp=amp, sgd=False, steps=steps, device=torch_device
+        record([k for k in figures if k.startswith(f"fb_{dtype}_")])
+        # The reference's mixed precision is float16 autocast: its counterpart of bfloat16.
+        amp = dtype != "float32"
+        if peer:
+            theirs = measure(
+                f"reference_fb_{dtype}",
+                lambda amp=amp: reference_figures(
+                    peer, sizes, amp=amp, sgd=False, steps=steps, device=torch_device
+                ),
             )
-            sgd = reference_figures(
-                peer, sizes, amp=amp, sgd=True, steps=steps, device=torch_device
-            )
-            reference_seconds = _number(fb.get("seconds_per_step"))
+            reference_seconds = _number(theirs.get("seconds_per_step"))
             figures[f"reference_fb_{dtype}_seconds_per_step"] = reference_seconds
-            figures[f"reference_fb_{dtype}_peak_memory_gb"] = _number(fb.get("peak_memory_gb"))
-            figures[f"reference_sgd_{dtype}_images_per_second"] = _number(
-                sgd.get("images_per_second")
+            figures[f"reference_fb_{dtype}_peak_memory_gb"] = _number(theirs.get("peak_memory_gb"))
+            if isinstance(seconds, float) and isinstance(reference_seconds, float):
+                figures[f"ratio_fb_{dtype}"] = reference_seconds / seconds
+            record(
+                [k for k in figures if k.startswith((f"reference_fb_{dtype}", f"ratio_fb_{dtype}"))]
             )
-            ours = figures[f"fb_{dtype}_seconds_per_step"]
-            if isinstance(ours, float) and isinstance(reference_seconds, float):
-                figures[f"ratio_fb_{dtype}"] = reference_seconds / ours
-            ours_sgd = figures[f"sgd_{dtype}_images_per_second"]
-            theirs_sgd = figures[f"reference_sgd_{dtype}_images_per_second"]
+        sgd = measure(f"sgd_{dtype}", lambda dtype=dtype: sgd_figures(sizes, dtype, steps))
+        ours_sgd = _number(sgd.get("images_per_second"))
+        figures[f"sgd_{dtype}_images_per_second"] = ours_sgd
+        record([f"sgd_{dtype}_images_per_second"])
+        if peer:
+            theirs = measure(
+                f"reference_sgd_{dtype}",
+                lambda amp=amp: reference_figures(
+                    peer, sizes, amp=amp, sgd=True, steps=steps, device=torch_device
+                ),
+            )
+            theirs_sgd = _number(theirs.get("images_per_second"))
+            figures[f"reference_sgd_{dtype}_images_per_second"] = theirs_sgd
             if isinstance(ours_sgd, float) and isinstance(theirs_sgd, float):
                 figures[f"ratio_sgd_{dtype}"] = ours_sgd / theirs_sgd
-            for name in [
-                k for k in figures if k.startswith(("reference_", "ratio_")) and dtype in k
-            ]:
-                emit(name, figures[name])
+            record([f"reference_sgd_{dtype}_images_per_second", f"ratio_sgd_{dtype}"])
     print(summary_table(figures, device.device_kind, sizes), flush=True)
+    if failed:
+        print(f"error: {len(failed)} figure(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return exitcodes.DONE
 
 
@@ -460,6 +505,11 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return exitcodes.BAD_INPUT
+    # This process only checks and multiplies small matrices while the timed steps run in
+    # subprocesses: without this, JAX's default would hold 75% of the GPU's memory here and
+    # leave the steps a quarter of it. The subprocesses get the user's own setting back.
+    _PARENT_ENVIRONMENT.update(os.environ)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     on_cpu = jax.default_backend() == "cpu"
     if on_cpu and not FLAGS.allow_cpu:
         print(
