@@ -9,6 +9,7 @@ that the ratios are checked against numbers known in advance.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,54 @@ def test_on_a_gpu_the_chosen_shape_is_timed_alone(monkeypatch):
         "--config.train.block_loop=vmap",
         "--steps=2",
     ]
+
+
+def test_the_manuals_gpu_table_is_the_recorded_run():
+    """docs/performance.md's H200 table holds what the recorded gpu_check run printed: every
+    cell filled, each figure its line's value (FLOP fractions: 5.88 GFLOP per image, see the
+    page) and the ratios the quotients of the figures beside them."""
+    record = ROOT / "docs" / "measured" / "h200-2026-12-04.txt"
+    lines = record.read_text().splitlines()
+    figures = {}
+    for line in lines:  # the figures, one name=value line each
+        match = re.fullmatch(r"(\w+)=([-+]?\d*\.?\d+(?:e[-+]?\d+)?)", line)
+        if match:
+            figures[match[1]] = float(match[2])
+    # The second command's lines (float32 reference step, both float32 SGD epochs), in order.
+    reference_step, sgd, reference_sgd = (
+        gpu_check.parse_fields(line) for line in lines if line.startswith(("params=", "model="))
+    )
+    figures["reference_fb_float32_seconds_per_step"] = float(reference_step["seconds_per_step"])
+    figures["reference_fb_float32_peak_memory_gb"] = float(reference_step["peak_memory_gb"])
+    figures["sgd_float32_images_per_second"] = float(sgd["images_per_second"])
+    figures["reference_sgd_float32_images_per_second"] = float(reference_sgd["images_per_second"])
+    page = (ROOT / "docs" / "performance.md").read_text()
+    header = "| resnet18 (width 64), 50,000 images, one NVIDIA H200 |"
+    table = page[page.index(header) :].split("\n\n")[0].splitlines()[2:]
+    cells = {row.split("|")[1].strip(): row.split("|")[2:4] for row in table}
+    assert len(cells) == 10 and "owed" not in "\n".join(table)
+    for dtype, column in (("bfloat16", 0), ("float32", 1)):
+
+        def cell(title, column=column):
+            return float(cells[title][column].strip().replace(",", ""))
+
+        seconds = figures[f"fb_{dtype}_seconds_per_step"]
+        assert cell("regularized step, blocks of 128 (s)") == pytest.approx(seconds, abs=0.006)
+        assert cell("images per second") == pytest.approx(49_920 / seconds, rel=2e-3)
+        assert cell("peak memory (GB)") == pytest.approx(
+            figures[f"fb_{dtype}_peak_memory_gb"], abs=0.006
+        )
+        rate = figures[f"peak_matmul_tflops_{dtype}"] * 1e12
+        fraction = 49_920 * 5.88e9 / seconds / rate
+        assert cell("fraction of measured peak FLOP rate") == pytest.approx(fraction, abs=0.006)
+        theirs = figures[f"reference_fb_{dtype}_seconds_per_step"]
+        assert cell("reference's step (s)") == pytest.approx(theirs, abs=0.006)
+        assert cell("reference's peak memory (GB)") == pytest.approx(
+            figures[f"reference_fb_{dtype}_peak_memory_gb"], abs=0.006
+        )
+        assert cell("reference / gdreg") == pytest.approx(theirs / seconds, abs=0.006)
+        ours_sgd = figures[f"sgd_{dtype}_images_per_second"]
+        theirs_sgd = figures[f"reference_sgd_{dtype}_images_per_second"]
+        assert cell("SGD, batch 128 (images/s)") == pytest.approx(ours_sgd, rel=2e-3)
+        assert cell("reference's SGD (images/s)") == pytest.approx(theirs_sgd, rel=2e-3)
+        assert cell("gdreg / reference, SGD") == pytest.approx(ours_sgd / theirs_sgd, abs=0.006)
