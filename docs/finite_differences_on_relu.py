@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import runpy
+import sys
 from pathlib import Path
 
 import jax
@@ -28,7 +29,9 @@ from gdreg.penalty import hessian_vector_product
 
 def _flax_mnist(images: int):
     """The Linen MNIST CNN at initialization on its digits: (loss of the parameters, params)."""
-    example = runpy.run_path(str(Path(__file__).parent / "loops" / "linen_mnist.py"))
+    loops = Path(__file__).parent / "loops"
+    sys.path.insert(0, str(loops))  # its digits.py, as when the example runs by itself
+    example = runpy.run_path(str(loops / "linen_mnist.py"))
     train, _ = example["get_datasets"]()
     x = np.asarray(train["image"][:images], np.float64)
     y = train["label"][:images]

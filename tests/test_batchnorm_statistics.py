@@ -88,8 +88,10 @@ def sequential_statistics(
 
 
 def engine_statistics(
-    params, model_state, data, layout, shape, *, method, strength, rule, full_strength=0.0
+    setup, shape, *, rule, method="forward", strength=STRENGTH, full_strength=0.0
 ):
+    """The engine's running statistics after one step on ``setup`` (:func:`problem`)."""
+    params, model_state, data, layout = setup
     devices, per_call, microbatch_loop, block_loop = shape
     mesh = data_mesh(jax.devices()[:devices])
     penalty = gradient_norm_penalty(
@@ -133,16 +135,7 @@ def test_reference_rule_equals_the_sequential_loop_on_every_device_count_and_loo
     expected = sequential_statistics(
         params, model_state, data, layout, method="forward", strength=STRENGTH
     )
-    got = engine_statistics(
-        params,
-        model_state,
-        data,
-        layout,
-        shape,
-        method="forward",
-        strength=STRENGTH,
-        rule="reference",
-    )
+    got = engine_statistics((params, model_state, data, layout), shape, rule="reference")
     assert_trees_close(got, expected, rtol=1e-12)
 
 
@@ -156,10 +149,7 @@ def test_reference_rule_counts_the_passes_each_penalty_makes(x64, method, streng
         params, model_state, data, layout, method=method, strength=strength
     )
     got = engine_statistics(
-        params,
-        model_state,
-        data,
-        layout,
+        (params, model_state, data, layout),
         (2, 3, "python", "vmap"),
         method=method,
         strength=strength,
@@ -181,15 +171,7 @@ def test_reference_rule_puts_the_full_gradient_pass_first(x64):
         params, model_state, data, layout, method="forward", strength=STRENGTH, full_strength=0.3
     )
     got = engine_statistics(
-        params,
-        model_state,
-        data,
-        layout,
-        SHAPES[3],
-        method="forward",
-        strength=STRENGTH,
-        rule="reference",
-        full_strength=0.3,
+        (params, model_state, data, layout), SHAPES[3], rule="reference", full_strength=0.3
     )
     assert_trees_close(got, expected, rtol=1e-12)
 
@@ -204,16 +186,7 @@ def test_mean_rule_is_one_momentum_step_with_the_mean_block_statistics(x64):
     mean = jax.tree.map(lambda *leaves: np.mean(leaves, axis=0), *block_statistics)
     expected = jax.tree.map(lambda r, s: (1 - MOMENTUM) * r + MOMENTUM * s, model_state, mean)
     for shape in (SHAPES[0], SHAPES[3]):
-        got = engine_statistics(
-            params,
-            model_state,
-            data,
-            layout,
-            shape,
-            method="forward",
-            strength=STRENGTH,
-            rule="mean",
-        )
+        got = engine_statistics((params, model_state, data, layout), shape, rule="mean")
         assert_trees_close(got, expected, rtol=1e-12)
 
 

@@ -13,14 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.contrib
 import pytest
-from explicit_hessian import assert_tree_close, penalized_reference
+from explicit_hessian import assert_tree_close, penalized_reference, regression, tanh_mlp_problem
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
@@ -36,37 +35,12 @@ def _closed_form(loss_of_params, params, strength=STRENGTH, lr=LR):
     return penalized_reference(loss_of_params, params, strength=strength, lr=lr)
 
 
-class _TanhMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(2)(nn.tanh(nn.Dense(6)(x)))
-
-
-def _regression(n=16, features=3, seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, features)).astype(dtype)
-    return x, np.sin(x @ rng.standard_normal((features, 2))).astype(dtype)
-
-
-def _mlp_problem(dtype=np.float64):
-    x, y = _regression(dtype=dtype)
-    model = _TanhMLP()
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-    rng = np.random.default_rng(3)
-    params = jax.tree.map(lambda s: (0.7 * rng.standard_normal(s.shape)).astype(dtype), shapes)
-
-    def loss_fn(p, xb, yb):
-        return jnp.mean((model.apply(p, xb) - yb) ** 2)
-
-    return loss_fn, params, x, y
-
-
 # --- value_and_penalized_grad ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("method", "eps", "rtol"), [("jvp", 1e-2, 1e-11), ("central", 1e-4, 1e-7)])
 def test_value_and_penalized_grad_equals_explicit_hessian(x64, method, eps, rtol):
-    loss_fn, params, x, y = _mlp_problem()
+    loss_fn, params, x, y = tanh_mlp_problem()
     f = gdreg.value_and_penalized_grad(
         loss_fn, strength=STRENGTH, learning_rate=LR, method=method, eps=eps
     )
@@ -76,7 +50,7 @@ def test_value_and_penalized_grad_equals_explicit_hessian(x64, method, eps, rtol
 
 
 def test_forward_differences_converge_to_the_exact_penalty(x64):
-    loss_fn, params, x, y = _mlp_problem()
+    loss_fn, params, x, y = tanh_mlp_problem()
     expected = _closed_form(lambda p: loss_fn(p, x, y), params)
     g = jax.grad(loss_fn)(params, x, y)
     errors = []
@@ -95,7 +69,7 @@ def test_forward_differences_converge_to_the_exact_penalty(x64):
 
 
 def test_schedules_aux_and_learning_rate_at_call_time(x64):
-    loss_fn, params, x, y = _mlp_problem()
+    loss_fn, params, x, y = tanh_mlp_problem()
 
     def with_aux(p, xb, yb):
         return loss_fn(p, xb, yb), {"mean_target": jnp.mean(yb)}
@@ -166,7 +140,7 @@ def test_integer_leaves_pass_through():
 def _data_parallel_results(method):
     """One penalized step over 4 host devices (shard_map with and without varying-axes checks,
     and the transform) and on one device, float32."""
-    loss_fn, params, x, y = _mlp_problem(np.float32)
+    loss_fn, params, x, y = tanh_mlp_problem(np.float32)
     mesh = jax.make_mesh((4,), ("batch",), devices=jax.devices()[:4])
     x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
     f = gdreg.value_and_penalized_grad(
@@ -223,7 +197,7 @@ def test_data_parallel_equals_single_device(method):
 
 
 def test_a_loss_averaged_over_devices_is_refused():
-    loss_fn, params, x, y = _mlp_problem(np.float32)
+    loss_fn, params, x, y = tanh_mlp_problem(np.float32)
     mesh = jax.make_mesh((4,), ("batch",), devices=jax.devices()[:4])
     x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
 
@@ -238,11 +212,12 @@ def test_a_loss_averaged_over_devices_is_refused():
         jax.jit(sharded)(params, x_sharded, y_sharded)
 
 
-def test_data_parallel_snippet_trains_on_four_host_devices():
+@pytest.mark.parametrize("snippet", ["penalty_data_parallel", "penalty_pmap"])
+def test_data_parallel_snippets_train_on_four_host_devices(snippet):
     environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     code = (
         "import jax, runpy; assert jax.device_count() == 4; "
-        f"losses = runpy.run_path({str(DOCS / 'penalty_data_parallel.py')!r})['losses']; "
+        f"losses = runpy.run_path({str(DOCS / (snippet + '.py'))!r})['losses']; "
         "assert losses[-1] < 0.5 * losses[0], losses"
     )
     result = subprocess.run(
@@ -501,7 +476,7 @@ def _nnx_loss(model, x, y):
     [("jvp", 1e-2, 1e-10, 1e-14), ("forward", 1e-7, 1e-5, 1e-9)],
 )
 def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64, method, eps, rtol, atol):
-    x, y = _regression()
+    x, y = regression()
     model = _NnxNet(nnx.Rngs(0, dropout=1))
     before = nnx.clone(model)
     f = gdreg.nnx_value_and_penalized_grad(_nnx_loss, learning_rate=LR, method=method, eps=eps)
@@ -538,7 +513,7 @@ def test_nnx_helper_same_masks_one_state_update_and_exact_penalty(x64, method, e
 
 @FLAX_DROPOUT_X64
 def test_nnx_grad_fn_with_fresh_dropout_masks_is_caught_by_check(x64):
-    x, y = _regression()
+    x, y = regression()
     model = _NnxNet(nnx.Rngs(0, dropout=1))
     tx = gdreg.gradient_norm_penalty(learning_rate=LR, check=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -570,7 +545,7 @@ def test_readme_snippets_train(name, capsys):
 
 @pytest.mark.parametrize("mistake", ["incoming gradient not averaged", "no axis_name"])
 def test_check_catches_a_missing_cross_device_mean(mistake):
-    loss_fn, params, x, y = _mlp_problem(np.float32)
+    loss_fn, params, x, y = tanh_mlp_problem(np.float32)
     mesh = jax.make_mesh((4,), ("batch",), devices=jax.devices()[:4])
     x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
     axis_name = "batch" if mistake == "incoming gradient not averaged" else None
@@ -592,7 +567,7 @@ def test_check_catches_a_missing_cross_device_mean(mistake):
 
 @pytest.mark.parametrize("method", ["forward", "central"])
 def test_bfloat16_parameters_give_the_float32_penalty(method):
-    loss_fn, params, x, y = _mlp_problem(np.float32)
+    loss_fn, params, x, y = tanh_mlp_problem(np.float32)
 
     def bf16_loss(p, xb, yb):  # the parameters are bfloat16, the loss is computed in float32
         return loss_fn(jax.tree.map(lambda leaf: leaf.astype(jnp.float32), p), xb, yb)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import optax.contrib
 import pytest
-from explicit_hessian import assert_tree_close, penalized_reference
+from explicit_hessian import assert_tree_close, penalized_reference, tanh_mlp_problem
 from flax import nnx
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
@@ -46,27 +46,6 @@ def _relative(a, b):
     return float(np.linalg.norm(np.asarray(fa) - np.asarray(fb)) / np.linalg.norm(np.asarray(fb)))
 
 
-class _TanhMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(2)(nn.tanh(nn.Dense(6)(x)))
-
-
-def _mlp_problem(dtype=np.float64, n=16):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 3)).astype(dtype)
-    y = np.sin(x @ rng.standard_normal((3, 2))).astype(dtype)
-    model = _TanhMLP()
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-    rng = np.random.default_rng(3)
-    params = jax.tree.map(lambda s: (0.7 * rng.standard_normal(s.shape)).astype(dtype), shapes)
-
-    def loss_fn(p, xb, yb):
-        return jnp.mean((model.apply(p, xb) - yb) ** 2)
-
-    return loss_fn, params, x, y
-
-
 # --- data parallel: a forgotten axis_name -------------------------------------------------------
 
 
@@ -79,7 +58,7 @@ def _pmapped(f, x, y, params):
 
 def test_pmap_without_axis_name_is_refused_and_with_it_a_second_pmean_is_harmless(x64):
     """Flax's ImageNet train_step: pmap over 'batch', ``grads = lax.pmean(grads, 'batch')``."""
-    loss_fn, params, x, y = _mlp_problem()
+    loss_fn, params, x, y = tanh_mlp_problem()
 
     def train_step(params, xb, yb, axis_name):
         grad_fn = gdreg.value_and_penalized_grad(
@@ -103,7 +82,7 @@ def test_pmap_without_axis_name_is_refused_and_with_it_a_second_pmean_is_harmles
 
 
 def test_shard_map_without_axis_name_is_refused_unless_the_loss_is_the_global_mean(x64):
-    loss_fn, params, x, y = _mlp_problem()
+    loss_fn, params, x, y = tanh_mlp_problem()
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
     xs, ys = jax.device_put((x, y), NamedSharding(mesh, P("data")))
 
@@ -189,7 +168,7 @@ class _NnxDropoutNet(nnx.Module):
 
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
 def test_nnx_penalty_grad_fn_with_other_dropout_masks_stops_by_default(x64):
-    _, _, x, y = _mlp_problem()
+    _, _, x, y = tanh_mlp_problem()
     model = _NnxDropoutNet(nnx.Rngs(0, dropout=1))
     optimizer = nnx.Optimizer(
         model,
@@ -251,7 +230,7 @@ def test_engine_update_keyword_switches_the_check_off():
 def test_a_rate_that_moves_at_run_time_is_passed_at_each_call(x64):
     """inject_hyperparams and reduce_on_plateau change the optimizer's rate inside its state,
     which the drop-in never sees: build with learning_rate=None and pass the current rate."""
-    loss_fn, params, x, y = _mlp_problem()
+    loss_fn, params, x, y = tanh_mlp_problem()
     tx = optax.chain(
         optax.inject_hyperparams(optax.sgd)(learning_rate=LR),
         optax.contrib.reduce_on_plateau(factor=0.5, patience=0),
@@ -272,7 +251,7 @@ def test_a_rate_that_moves_at_run_time_is_passed_at_each_call(x64):
 
 def test_warmup_from_zero_is_legal_and_negative_rates_fail_eagerly_and_under_jit(x64):
     """Flax's ImageNet schedule starts at 0: no penalty at step 0, eagerly and under jit alike."""
-    loss_fn, params, x, y = _mlp_problem()
+    loss_fn, params, x, y = tanh_mlp_problem()
     warmup = optax.linear_schedule(0.0, LR, transition_steps=4)
     f = gdreg.value_and_penalized_grad(loss_fn, learning_rate=warmup)
     plain = jax.grad(loss_fn)(params, x, y)
@@ -316,7 +295,7 @@ class _TwoLayers(nnx.Module):
 
 
 def test_nnx_fine_tuning_one_layer_penalizes_the_trained_layer_only(x64):
-    _, _, x, y = _mlp_problem()
+    _, _, x, y = tanh_mlp_problem()
     head = nnx.All(nnx.Param, nnx.PathContains("head"))
 
     def loss_fn(model, xb, yb):
@@ -457,7 +436,7 @@ def test_jvp_through_custom_vjp_names_forward_differences(x64):
         return jnp.tanh(z)
 
     smooth.defvjp(lambda z: (smooth(z), z), lambda z, g: (g * (1 - jnp.tanh(z) ** 2),))
-    _, params, x, y = _mlp_problem()
+    _, params, x, y = tanh_mlp_problem()
 
     def custom_loss(p, xb, yb):
         return jnp.mean((smooth(xb @ p["params"]["Dense_1"]["kernel"]) - yb[:, :1]) ** 2)
@@ -480,7 +459,7 @@ def test_jvp_through_custom_vjp_names_forward_differences(x64):
 
 def test_with_penalized_gradient_under_dynamic_scale(x64):
     """Flax's ImageNet example's float16 branch: DynamicScale differentiates the loss itself."""
-    loss_fn, params, x, y = _mlp_problem()
+    loss_fn, params, x, y = tanh_mlp_problem()
 
     def with_aux(p, xb, yb):
         return loss_fn(p, xb, yb), {"targets": jnp.mean(yb)}

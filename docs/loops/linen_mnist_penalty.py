@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from digits import digits
 from flax.training import train_state
 
 import gdreg
@@ -67,20 +68,13 @@ def train_epoch(state, train_ds, batch_size, rng):
     return state, float(np.mean(losses)), float(np.mean(accuracies))
 
 
-def get_datasets(seed=0, n_train=512, n_test=256):
-    """Digits of 8x8 pixels: class k lights pixel row k % 8 (and a column for k >= 8)."""
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        labels = rng.integers(0, 10, n)
-        images = np.zeros((n, 8, 8, 1), np.float32)
-        for i, k in enumerate(labels):
-            images[i, k % 8, 1:7, 0] = rng.uniform(0.6, 1.0, 6)
-            if k >= 8:
-                images[i, 1:7, k - 6, 0] = rng.uniform(0.6, 1.0, 6)
-        return {"image": images, "label": labels}
-
-    return split(n_train), split(n_test)
+def get_datasets(n_train=512, n_test=256):
+    train_images, train_labels = digits(n_train, seed=0)
+    test_images, test_labels = digits(n_test, seed=1)
+    return (
+        {"image": train_images, "label": train_labels},
+        {"image": test_images, "label": test_labels},
+    )
 
 
 def create_train_state(rng):

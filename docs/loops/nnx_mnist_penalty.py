@@ -11,6 +11,7 @@ from functools import partial
 
 import numpy as np
 import optax
+from digits import digits
 from flax import nnx
 
 import gdreg
@@ -23,18 +24,6 @@ def make_batches(images, labels, batch_size, seed=0):
     for i in range(0, len(order) - batch_size + 1, batch_size):
         take = order[i : i + batch_size]
         yield {"image": images[take], "label": labels[take]}
-
-
-def digits(n, seed):
-    """Class k lights pixel row k % 8 (and a column for k >= 8) on a zero background."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = np.zeros((n, 8, 8, 1), np.float32)
-    for i, k in enumerate(labels):
-        images[i, k % 8, 1:7, 0] = rng.uniform(0.6, 1.0, 6)
-        if k >= 8:
-            images[i, 1:7, k - 6, 0] = rng.uniform(0.6, 1.0, 6)
-    return images, labels
 
 
 train_images, train_labels = digits(2048, seed=0)

@@ -436,7 +436,21 @@ def run_check(
                 emit(name, figures[name])
 
     tuned = jax.default_backend() != "cpu"
-    torch_device = "cpu" if not tuned else "cuda"
+
+    def measure_reference(dtype: str, *, sgd: bool) -> dict[str, str]:
+        # The reference's mixed precision is float16 autocast: its counterpart of bfloat16.
+        return measure(
+            f"reference_{'sgd' if sgd else 'fb'}_{dtype}",
+            lambda: reference_figures(
+                peer,
+                sizes,
+                amp=dtype != "float32",
+                sgd=sgd,
+                steps=steps,
+                device="cuda" if tuned else "cpu",
+            ),
+        )
+
     for dtype in dtypes:
         rate = peak_matmul_rate(sizes.matmul, dtype)
         figures[f"peak_matmul_tflops_{dtype}"] = rate / 1e12
@@ -461,15 +475,8 @@ def run_check(
             fb.get("blocks_per_microbatch"), fb.get("microbatch_loop"), fb.get("block_loop")
         )
         record([k for k in figures if k.startswith(f"fb_{dtype}_")])
-        # The reference's mixed precision is float16 autocast: its counterpart of bfloat16.
-        amp = dtype != "float32"
         if peer:
-            theirs = measure(
-                f"reference_fb_{dtype}",
-                lambda amp=amp: reference_figures(
-                    peer, sizes, amp=amp, sgd=False, steps=steps, device=torch_device
-                ),
-            )
+            theirs = measure_reference(dtype, sgd=False)
             reference_seconds = _number(theirs.get("seconds_per_step"))
             figures[f"reference_fb_{dtype}_seconds_per_step"] = reference_seconds
             figures[f"reference_fb_{dtype}_peak_memory_gb"] = _number(theirs.get("peak_memory_gb"))
@@ -483,12 +490,7 @@ def run_check(
         figures[f"sgd_{dtype}_images_per_second"] = ours_sgd
         record([f"sgd_{dtype}_images_per_second"])
         if peer:
-            theirs = measure(
-                f"reference_sgd_{dtype}",
-                lambda amp=amp: reference_figures(
-                    peer, sizes, amp=amp, sgd=True, steps=steps, device=torch_device
-                ),
-            )
+            theirs = measure_reference(dtype, sgd=True)
             theirs_sgd = _number(theirs.get("images_per_second"))
             figures[f"reference_sgd_{dtype}_images_per_second"] = theirs_sgd
             if isinstance(ours_sgd, float) and isinstance(theirs_sgd, float):
