@@ -1,0 +1,343 @@
+"""Where a CPU training step's time goes, layer by layer, beside PyTorch on the same machine.
+
+    python -m gdreg.tools.layer_profile --width 64 --images 32
+
+Times, on one core (``--threads 1``: XLA and PyTorch each on one thread, as gdreg runs one JAX
+device per core), every distinct layer of the CIFAR ResNet-18 at ``--width`` on a block of
+``--images`` images: each convolution's forward pass, its input gradient and its filter
+gradient (gdreg's :func:`gdreg.models.layers.conv_general_dilated`, the one the models use;
+PyTorch's ``conv2d``, what the reference implementation runs), BatchNorm with ReLU forward and
+backward at each activation size, and the optimizer update (weight decay, Nesterov momentum)
+over the network's parameter count; then the same matrix product in both as a yardstick. Each
+row is the fastest of ``--repeats`` timed calls after a compiling one, times the number of
+such layers in the network; a last line sums them. Without PyTorch installed (the ``torch``
+extra) only gdreg's columns are filled.
+
+Prints one ``name=value`` line per row and the table of docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from absl import app, flags
+
+from gdreg.program import cli, exitcodes
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    flags.DEFINE_integer("width", 64, "ResNet-18 width (64: the paper's).", lower_bound=1)
+    flags.DEFINE_integer("images", 32, "Images per block.", lower_bound=1)
+    flags.DEFINE_integer("size", 32, "Image height and width.", lower_bound=4)
+    flags.DEFINE_integer("threads", 1, "Threads for XLA and PyTorch (1: one core).", lower_bound=1)
+    flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.", lower_bound=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """``count`` layers of one shape: a ``kernel`` x ``kernel`` convolution from ``size`` x
+    ``size`` x ``channels_in`` images (NHWC) to ``channels_out`` channels at ``stride``."""
+
+    size: int
+    channels_in: int
+    channels_out: int
+    kernel: int
+    stride: int
+    count: int
+
+    def describe(self) -> str:
+        return (
+            f"conv{self.kernel}x{self.kernel} {self.size}x{self.size}x{self.channels_in}"
+            f"->{self.channels_out}" + (f" stride {self.stride}" if self.stride > 1 else "")
+        )
+
+
+def resnet18_layers(width: int, size: int) -> list[Layer]:
+    """The convolutions of the CIFAR ResNet-18 (He et al., 2016; the reference's CIFAR stem and
+    1x1 strided shortcuts): a 3x3 stem, then four stages of two basic blocks at widths
+    ``w, 2w, 4w, 8w``, each later stage halving the image size."""
+    layers = [Layer(size, 3, width, 3, 1, 1), Layer(size, width, width, 3, 1, 4)]
+    channels = width
+    for _ in range(3):
+        layers += [
+            Layer(size, channels, 2 * channels, 3, 2, 1),
+            Layer(size // 2, 2 * channels, 2 * channels, 3, 1, 3),
+            Layer(size, channels, 2 * channels, 1, 2, 1),
+        ]
+        channels, size = 2 * channels, size // 2
+    return layers
+
+
+def fastest_ms(function: Callable[[], object], repeats: int) -> float:
+    """Milliseconds of the fastest of ``repeats`` calls of ``function`` after a first one."""
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def jax_times(layer: Layer, images: int, repeats: int) -> dict[str, float]:
+    """gdreg's convolution of ``layer`` and its BatchNorm with ReLU: forward, forward with the
+    input gradient, forward with the filter gradient, all three (milliseconds)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdreg.models.layers import BatchNorm, conv_general_dilated
+
+    pad = layer.kernel // 2
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def conv(x, w):
+        strides = (layer.stride, layer.stride)
+        return conv_general_dilated(x, w, strides, ((pad, pad), (pad, pad)), None, None, numbers)
+
+    def loss(x, w):
+        return jnp.sum(jnp.square(conv(x, w)))
+
+    # The models' own BatchNorm layer in training mode (batch statistics), then a ReLU.
+    norm = BatchNorm(use_running_average=False)
+
+    def batch_norm_relu(y, scale, bias):
+        variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": statistics}
+        normalized, _ = norm.apply(variables, y, mutable=["batch_stats"])
+        return jnp.sum(jax.nn.relu(normalized))
+
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (images, layer.size, layer.size, layer.channels_in))
+    w = 0.05 * jax.random.normal(
+        key, (layer.kernel, layer.kernel, *[layer.channels_in, layer.channels_out])
+    )
+    y = jax.jit(conv)(x, w)
+    statistics = norm.init(key, y)["batch_stats"]
+    ones = jnp.ones((layer.channels_out,))
+    calls = {
+        "fwd": jax.jit(conv),
+        "fwd_dx": jax.jit(jax.grad(loss, argnums=0)),
+        "fwd_dw": jax.jit(jax.grad(loss, argnums=1)),
+        "fwd_dx_dw": jax.jit(jax.grad(loss, argnums=(0, 1))),
+    }
+    times = {
+        name: fastest_ms(lambda f=f: jax.block_until_ready(f(x, w)), repeats)
+        for name, f in calls.items()
+    }
+    bn = jax.jit(jax.grad(batch_norm_relu, argnums=(0, 1, 2)))
+    times["bn_relu"] = fastest_ms(lambda: jax.block_until_ready(bn(y, ones, ones)), repeats)
+    return times
+
+
+def torch_times(layer: Layer, images: int, repeats: int) -> dict[str, float] | None:
+    """PyTorch's ``conv2d`` (NCHW, as the reference runs it) of ``layer``: forward, and forward
+    with both gradients; BatchNorm with ReLU forward and backward (milliseconds)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    x = torch.randn(images, layer.channels_in, layer.size, layer.size, requires_grad=True)
+    w = (
+        0.05 * torch.randn(layer.channels_out, layer.channels_in, layer.kernel, layer.kernel)
+    ).requires_grad_()
+    pad = layer.kernel // 2
+
+    def forward():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(x, w, stride=layer.stride, padding=pad)
+
+    def both():
+        torch.nn.functional.conv2d(x, w, stride=layer.stride, padding=pad).square().sum().backward()
+
+    with torch.no_grad():
+        y = torch.nn.functional.conv2d(x, w, stride=layer.stride, padding=pad)
+    y.requires_grad_()
+    scale = torch.ones(layer.channels_out, requires_grad=True)
+    bias = torch.ones(layer.channels_out, requires_grad=True)
+
+    def bn_relu():
+        normalized = torch.nn.functional.batch_norm(y, None, None, scale, bias, training=True)
+        torch.relu(normalized).sum().backward()
+
+    return {
+        "fwd": fastest_ms(forward, repeats),
+        "fwd_dx_dw": fastest_ms(both, repeats),
+        "bn_relu": fastest_ms(bn_relu, repeats),
+    }
+
+
+def update_times(parameters: int, repeats: int) -> tuple[float, float | None]:
+    """Milliseconds of one update (weight decay 5e-4, Nesterov momentum 0.9) of ``parameters``
+    float32 values: gdreg's optax chain, and ``torch.optim.SGD`` where PyTorch is installed."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, 0.9, nesterov=True))
+    params = jnp.ones((parameters,))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    ours = fastest_ms(lambda: jax.block_until_ready(step(params, state, params)), repeats)
+    try:
+        import torch
+    except ImportError:
+        return ours, None
+    weights = torch.nn.Parameter(torch.ones(parameters))
+    weights.grad = torch.ones(parameters)
+    optimizer = torch.optim.SGD([weights], lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return ours, fastest_ms(optimizer.step, repeats)
+
+
+def matmul_rates(repeats: int) -> tuple[float, float | None]:
+    """GFLOP/s of a 512 x 4608 by 4608 x 512 float32 product (the deepest 3x3 layer's im2col
+    shape at width 64): XLA's, and PyTorch's where installed."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.ones((512, 4608)), jnp.ones((4608, 512))
+    product = jax.jit(jnp.matmul)
+    flop = 2 * 512 * 4608 * 512
+    ours = flop / fastest_ms(lambda: jax.block_until_ready(product(a, b)), repeats) / 1e6
+    try:
+        import torch
+    except ImportError:
+        return ours, None
+    ta, tb = torch.ones(512, 4608), torch.ones(4608, 512)
+    return ours, flop / fastest_ms(lambda: ta @ tb, repeats) / 1e6
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
+    """The rows (``name=value`` lines) and the markdown table, as lines."""
+    lines, table = [], []
+    totals = {"gdreg": 0.0, "torch": 0.0}
+    torch_missing = False
+    table += [
+        f"| ResNet-18 width {width}, {images} images of {size}x{size} | count | gdreg forward "
+        "| + input grad | + filter grad | gdreg all | torch forward | torch all | torch / gdreg |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    bn_rows = {}
+    for layer in resnet18_layers(width, size):
+        ours = jax_times(layer, images, repeats)
+        theirs = torch_times(layer, images, repeats)
+        torch_missing |= theirs is None
+        totals["gdreg"] += layer.count * ours["fwd_dx_dw"]
+        if theirs:
+            totals["torch"] += layer.count * theirs["fwd_dx_dw"]
+        input_grad = ours["fwd_dx"] - ours["fwd"]
+        filter_grad = ours["fwd_dw"] - ours["fwd"]
+        ratio = theirs["fwd_dx_dw"] / ours["fwd_dx_dw"] if theirs else None
+        lines.append(
+            f"layer={layer.describe().replace(' ', '_')} count={layer.count} "
+            f"gdreg_fwd_ms={ours['fwd']:.2f} gdreg_input_grad_ms={input_grad:.2f} "
+            f"gdreg_filter_grad_ms={filter_grad:.2f} gdreg_all_ms={ours['fwd_dx_dw']:.2f} "
+            f"torch_fwd_ms={_cell(theirs and theirs['fwd'], 2)} "
+            f"torch_all_ms={_cell(theirs and theirs['fwd_dx_dw'], 2)}"
+        )
+        table.append(
+            f"| {layer.describe()} | {layer.count} | {ours['fwd']:.1f} | {input_grad:.1f} | "
+            f"{filter_grad:.1f} | {ours['fwd_dx_dw']:.1f} | {_cell(theirs and theirs['fwd'])} | "
+            f"{_cell(theirs and theirs['fwd_dx_dw'])} | "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}'} |"
+        )
+        # Each convolution is followed by a BatchNorm (and, but for the shortcuts, a ReLU).
+        output = (layer.size // layer.stride, layer.channels_out)
+        counted = bn_rows.get(output, (0, ours, theirs))
+        bn_rows[output] = (counted[0] + layer.count, counted[1], counted[2])
+    for (output_size, channels), (count, ours, theirs) in bn_rows.items():
+        totals["gdreg"] += count * ours["bn_relu"]
+        if theirs:
+            totals["torch"] += count * theirs["bn_relu"]
+        name = f"BatchNorm+ReLU {output_size}x{output_size}x{channels}"
+        lines.append(
+            f"layer={name.replace(' ', '_')} count={count} gdreg_all_ms={ours['bn_relu']:.2f} "
+            f"torch_all_ms={_cell(theirs and theirs['bn_relu'], 2)}"
+        )
+        ratio = theirs["bn_relu"] / ours["bn_relu"] if theirs else None
+        table.append(
+            f"| {name}, forward and backward | {count} | | | | {ours['bn_relu']:.1f} | | "
+            f"{_cell(theirs and theirs['bn_relu'])} | {'n/a' if ratio is None else f'{ratio:.2f}'} |"
+        )
+    parameters = sum(
+        layer.count * layer.kernel**2 * layer.channels_in * layer.channels_out
+        for layer in resnet18_layers(width, size)
+    )
+    ours_update, theirs_update = update_times(parameters, repeats)
+    totals["gdreg"] += ours_update
+    totals["torch"] += theirs_update or 0.0
+    lines.append(
+        f"layer=update count=1 parameters={parameters} gdreg_all_ms={ours_update:.2f} "
+        f"torch_all_ms={_cell(theirs_update, 2)}"
+    )
+    table.append(
+        f"| update of {parameters:,} weights (decay, Nesterov) | 1 | | | | {ours_update:.1f} | | "
+        f"{_cell(theirs_update)} | "
+        f"{'n/a' if theirs_update is None else f'{theirs_update / ours_update:.2f}'} |"
+    )
+    theirs_total = None if torch_missing else totals["torch"]
+    ratio = None if theirs_total is None else theirs_total / totals["gdreg"]
+    lines.append(
+        f"total gdreg_ms={totals['gdreg']:.2f} torch_ms={_cell(theirs_total, 2)} "
+        f"torch_over_gdreg={'n/a' if ratio is None else f'{ratio:.3f}'}"
+    )
+    table.append(
+        f"| one forward and backward pass, all layers | | | | | {totals['gdreg']:.0f} | | "
+        f"{'n/a' if theirs_total is None else f'{theirs_total:.0f}'} | "
+        f"{'n/a' if ratio is None else f'{ratio:.2f}'} |"
+    )
+    ours_rate, theirs_rate = matmul_rates(repeats)
+    lines.append(f"matmul_gflops gdreg={ours_rate:.1f} torch={_cell(theirs_rate)}")
+    return [*lines, "", *table]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        return exitcodes.BAD_INPUT
+    if FLAGS.size % 8:
+        print(
+            f"error: --size {FLAGS.size}: must be a multiple of 8 (three halvings)", file=sys.stderr
+        )
+        return exitcodes.BAD_INPUT
+    threads = FLAGS.threads
+    # Before JAX starts its CPU client: one device whose Eigen pool has ``threads`` threads.
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=1"]
+        + (["--xla_cpu_multi_thread_eigen=false"] if threads == 1 else [])
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        # As the reference's timing does, and XLA by default: denormals flushed to zero.
+        torch.set_flush_denormal(True)
+    except ImportError:
+        pass
+    for line in profile(FLAGS.width, FLAGS.images, FLAGS.size, FLAGS.repeats):
+        print(line, flush=True)
+    return exitcodes.DONE
+
+
+def run() -> None:
+    """Console entry point (``python -m gdreg.tools.layer_profile``)."""
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
+
+
+if __name__ == "__main__":
+    run()
