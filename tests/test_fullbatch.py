@@ -205,7 +205,10 @@ def test_step_flops_counts_every_block_once_on_any_device_count(setup):
         )
     assert counts[1, 4] > 0
     assert counts[1, 8] == pytest.approx(2 * counts[1, 4])
-    assert counts[2, 8] == pytest.approx(counts[1, 8])
+    # The count is taken before XLA partitions the step, where the cross-device sum of the
+    # 2-device step costs a few operations more or less than 1 device's (16 of 847,456 here);
+    # a block counted twice or missed would be off by 1/8.
+    assert counts[2, 8] == pytest.approx(counts[1, 8], rel=1e-4)
 
 
 def test_full_strength_hands_the_full_gradient_to_every_block(x64):

@@ -109,13 +109,14 @@ def block_layout(
 
 
 def hlo_flops(function, *args) -> float | None:
-    """XLA's FLOP count of the jitted ``function`` lowered for ``args`` (one device's share
-    under SPMD), or None where the backend reports none.
+    """XLA's FLOP count of the jitted ``function`` lowered for ``args``, or None where the
+    backend reports none: one device's share for a ``shard_map`` body, the whole computation
+    for a function that jit's shardings partition.
 
-    Counted on the module before XLA optimizes it: on GPUs the compiled module's convolutions
-    are calls into cuDNN, which the cost analysis counts as nothing (measured on an H200: 1% of
-    ResNet-18's operations were left); before optimization they are convolutions, and on CPUs
-    both counts agree."""
+    Counted on the module before XLA optimizes and partitions it: on GPUs the compiled module's
+    convolutions are calls into cuDNN, which the cost analysis counts as nothing (measured on
+    an H200: 1% of ResNet-18's operations were left); before optimization they are
+    convolutions, and on CPUs both counts agree."""
     try:
         cost = function.lower(*args).cost_analysis()
     except Exception:  # cost analysis is best effort and missing on some backends

@@ -353,4 +353,6 @@ class TrainStep:
         of the one-device count."""
         order = jax.ShapeDtypeStruct((1, batch_size), jnp.int32, sharding=self._order_sharding)
         scalar = jnp.asarray(0, jnp.int32)
-        return hlo_flops(self._minibatch, _epoch_carry(state), order, 0, scalar, scalar, data)
+        flops = hlo_flops(self._minibatch, _epoch_carry(state), order, 0, scalar, scalar, data)
+        # Counted before XLA partitions the step over the mesh: the whole minibatch's work.
+        return flops / self.engine.num_devices if flops else None

@@ -113,9 +113,8 @@ def jax_times(layer: Layer, images: int, repeats: int) -> dict[str, float]:
 
     key = jax.random.key(0)
     x = jax.random.normal(key, (images, layer.size, layer.size, layer.channels_in))
-    w = 0.05 * jax.random.normal(
-        key, (layer.kernel, layer.kernel, *[layer.channels_in, layer.channels_out])
-    )
+    kernel_shape = (layer.kernel, layer.kernel, layer.channels_in, layer.channels_out)
+    w = 0.05 * jax.random.normal(key, kernel_shape)
     y = jax.jit(conv)(x, w)
     statistics = norm.init(key, y)["batch_stats"]
     ones = jnp.ones((layer.channels_out,))
