@@ -31,7 +31,7 @@ STOP = preemption.StopRequest().install()
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from gdreg.program import cli, exitcodes, supervisor  # noqa: E402
@@ -169,7 +169,7 @@ def run() -> None:
         launch = supervisor.multi_process_launch(sys.argv)
         if launch is not None:  # one of several processes: train in a watched child
             sys.exit(supervisor.supervise(sys.argv, STOP, launch))
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
+    cli.run_command(main, __doc__)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,14 @@ def flags_parser(description: str) -> Callable[[list[str]], list[str]]:
     return parse
 
 
+def run_command(main: Callable[[list[str]], int], description: str) -> None:
+    """Runs ``main(argv)`` as the program described by ``description`` (its module docstring):
+    its flags parsed by :func:`flags_parser`, its return value the exit status."""
+    from absl import app
+
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser(description))
+
+
 def _last_tuple_override_wins() -> None:
     """Makes a repeated ``--config.FIELD=(...)`` replace the earlier value of a tuple field.
 

@@ -224,7 +224,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point ``gdreg-bench``."""
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
+    cli.run_command(main, __doc__)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import linen as nn
 from jax.flatten_util import ravel_pytree
 
@@ -546,7 +546,7 @@ def main(argv: list[str]) -> int:
 def run() -> None:
     """Console entry point (``python -m gdreg.tools.gpu_check``)."""
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
+    cli.run_command(main, __doc__)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import flags
 
 from gdreg.program import cli, exitcodes
 
@@ -327,15 +327,14 @@ def main(argv: list[str]) -> int:
         torch.set_flush_denormal(True)
     except ImportError:
         pass
-    for line in profile(FLAGS.width, FLAGS.images, FLAGS.size, FLAGS.repeats):
-        print(line, flush=True)
+    print("\n".join(profile(FLAGS.width, FLAGS.images, FLAGS.size, FLAGS.repeats)), flush=True)
     return exitcodes.DONE
 
 
 def run() -> None:
     """Console entry point (``python -m gdreg.tools.layer_profile``)."""
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
+    cli.run_command(main, __doc__)
 
 
 if __name__ == "__main__":

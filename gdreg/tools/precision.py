@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from gdreg import data
@@ -256,7 +256,7 @@ def main(argv: list[str]) -> int:
 def run() -> None:
     """Console entry point ``gdreg-precision``."""
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(__doc__))
+    cli.run_command(main, __doc__)
 
 
 if __name__ == "__main__":
