@@ -86,12 +86,12 @@ def fastest_ms(function: Callable[[], object], repeats: int) -> float:
 
 
 def jax_times(layer: Layer, images: int, repeats: int) -> dict[str, float]:
-    """gdreg's convolution of ``layer`` and its BatchNorm with ReLU: forward, forward with the
-    input gradient, forward with the filter gradient, all three (milliseconds)."""
+    """gdreg's convolution of ``layer``: forward, forward with the input gradient, forward with
+    the filter gradient, all three (milliseconds)."""
     import jax
     import jax.numpy as jnp
 
-    from gdreg.models.layers import BatchNorm, conv_general_dilated
+    from gdreg.models.layers import conv_general_dilated
 
     pad = layer.kernel // 2
     numbers = ("NHWC", "HWIO", "NHWC")
@@ -103,39 +103,48 @@ def jax_times(layer: Layer, images: int, repeats: int) -> dict[str, float]:
     def loss(x, w):
         return jnp.sum(jnp.square(conv(x, w)))
 
-    # The models' own BatchNorm layer in training mode (batch statistics), then a ReLU.
-    norm = BatchNorm(use_running_average=False)
-
-    def batch_norm_relu(y, scale, bias):
-        variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": statistics}
-        normalized, _ = norm.apply(variables, y, mutable=["batch_stats"])
-        return jnp.sum(jax.nn.relu(normalized))
-
     key = jax.random.key(0)
     x = jax.random.normal(key, (images, layer.size, layer.size, layer.channels_in))
     kernel_shape = (layer.kernel, layer.kernel, layer.channels_in, layer.channels_out)
     w = 0.05 * jax.random.normal(key, kernel_shape)
-    y = jax.jit(conv)(x, w)
-    statistics = norm.init(key, y)["batch_stats"]
-    ones = jnp.ones((layer.channels_out,))
     calls = {
         "fwd": jax.jit(conv),
         "fwd_dx": jax.jit(jax.grad(loss, argnums=0)),
         "fwd_dw": jax.jit(jax.grad(loss, argnums=1)),
         "fwd_dx_dw": jax.jit(jax.grad(loss, argnums=(0, 1))),
     }
-    times = {
+    return {
         name: fastest_ms(lambda f=f: jax.block_until_ready(f(x, w)), repeats)
         for name, f in calls.items()
     }
-    bn = jax.jit(jax.grad(batch_norm_relu, argnums=(0, 1, 2)))
-    times["bn_relu"] = fastest_ms(lambda: jax.block_until_ready(bn(y, ones, ones)), repeats)
-    return times
+
+
+def jax_batch_norm_ms(shape: tuple[int, int, int, int], repeats: int) -> float:
+    """The models' own BatchNorm layer in training mode (batch statistics), then a ReLU, forward
+    and backward on an NHWC ``shape`` (milliseconds)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdreg.models.layers import BatchNorm
+
+    norm = BatchNorm(use_running_average=False)
+    key = jax.random.key(0)
+    y = jax.random.normal(key, shape)
+    statistics = norm.init(key, y)["batch_stats"]
+    ones = jnp.ones((shape[-1],))
+
+    def batch_norm_relu(y, scale, bias):
+        variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": statistics}
+        normalized, _ = norm.apply(variables, y, mutable=["batch_stats"])
+        return jnp.sum(jax.nn.relu(normalized))
+
+    step = jax.jit(jax.grad(batch_norm_relu, argnums=(0, 1, 2)))
+    return fastest_ms(lambda: jax.block_until_ready(step(y, ones, ones)), repeats)
 
 
 def torch_times(layer: Layer, images: int, repeats: int) -> dict[str, float] | None:
     """PyTorch's ``conv2d`` (NCHW, as the reference runs it) of ``layer``: forward, and forward
-    with both gradients; BatchNorm with ReLU forward and backward (milliseconds)."""
+    with both gradients (milliseconds); None without PyTorch."""
     try:
         import torch
     except ImportError:
@@ -153,21 +162,26 @@ def torch_times(layer: Layer, images: int, repeats: int) -> dict[str, float] | N
     def both():
         torch.nn.functional.conv2d(x, w, stride=layer.stride, padding=pad).square().sum().backward()
 
-    with torch.no_grad():
-        y = torch.nn.functional.conv2d(x, w, stride=layer.stride, padding=pad)
-    y.requires_grad_()
-    scale = torch.ones(layer.channels_out, requires_grad=True)
-    bias = torch.ones(layer.channels_out, requires_grad=True)
+    return {"fwd": fastest_ms(forward, repeats), "fwd_dx_dw": fastest_ms(both, repeats)}
 
-    def bn_relu():
+
+def torch_batch_norm_ms(shape: tuple[int, int, int, int], repeats: int) -> float | None:
+    """PyTorch's ``batch_norm`` in training mode and a ReLU, forward and backward, on the
+    NHWC ``shape`` laid out as NCHW (milliseconds); None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    images, size, _, channels = shape
+    y = torch.randn(images, channels, size, size, requires_grad=True)
+    scale = torch.ones(channels, requires_grad=True)
+    bias = torch.ones(channels, requires_grad=True)
+
+    def step():
         normalized = torch.nn.functional.batch_norm(y, None, None, scale, bias, training=True)
         torch.relu(normalized).sum().backward()
 
-    return {
-        "fwd": fastest_ms(forward, repeats),
-        "fwd_dx_dw": fastest_ms(both, repeats),
-        "bn_relu": fastest_ms(bn_relu, repeats),
-    }
+    return fastest_ms(step, repeats)
 
 
 def update_times(parameters: int, repeats: int) -> tuple[float, float | None]:
@@ -219,6 +233,11 @@ def _cell(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _ratio(theirs: float | None, ours: float, digits: int = 2) -> str:
+    """PyTorch's time over gdreg's ("n/a" without PyTorch)."""
+    return _cell(None if theirs is None else theirs / ours, digits)
+
+
 def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
     """The rows (``name=value`` lines) and the markdown table, as lines."""
     lines, table = [], []
@@ -229,7 +248,7 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
         "| + input grad | + filter grad | gdreg all | torch forward | torch all | torch / gdreg |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    bn_rows = {}
+    normalized: dict[tuple[int, int], int] = {}  # BatchNorm layers by output size
     for layer in resnet18_layers(width, size):
         ours = jax_times(layer, images, repeats)
         theirs = torch_times(layer, images, repeats)
@@ -239,7 +258,6 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
             totals["torch"] += layer.count * theirs["fwd_dx_dw"]
         input_grad = ours["fwd_dx"] - ours["fwd"]
         filter_grad = ours["fwd_dw"] - ours["fwd"]
-        ratio = theirs["fwd_dx_dw"] / ours["fwd_dx_dw"] if theirs else None
         lines.append(
             f"layer={layer.describe().replace(' ', '_')} count={layer.count} "
             f"gdreg_fwd_ms={ours['fwd']:.2f} gdreg_input_grad_ms={input_grad:.2f} "
@@ -251,25 +269,24 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
             f"| {layer.describe()} | {layer.count} | {ours['fwd']:.1f} | {input_grad:.1f} | "
             f"{filter_grad:.1f} | {ours['fwd_dx_dw']:.1f} | {_cell(theirs and theirs['fwd'])} | "
             f"{_cell(theirs and theirs['fwd_dx_dw'])} | "
-            f"{'n/a' if ratio is None else f'{ratio:.2f}'} |"
+            f"{_ratio(theirs and theirs['fwd_dx_dw'], ours['fwd_dx_dw'])} |"
         )
         # Each convolution is followed by a BatchNorm (and, but for the shortcuts, a ReLU).
         output = (layer.size // layer.stride, layer.channels_out)
-        counted = bn_rows.get(output, (0, ours, theirs))
-        bn_rows[output] = (counted[0] + layer.count, counted[1], counted[2])
-    for (output_size, channels), (count, ours, theirs) in bn_rows.items():
-        totals["gdreg"] += count * ours["bn_relu"]
-        if theirs:
-            totals["torch"] += count * theirs["bn_relu"]
+        normalized[output] = normalized.get(output, 0) + layer.count
+    for (output_size, channels), count in normalized.items():
+        shape = (images, output_size, output_size, channels)
+        ours_ms, theirs_ms = jax_batch_norm_ms(shape, repeats), torch_batch_norm_ms(shape, repeats)
+        totals["gdreg"] += count * ours_ms
+        totals["torch"] += count * (theirs_ms or 0.0)
         name = f"BatchNorm+ReLU {output_size}x{output_size}x{channels}"
         lines.append(
-            f"layer={name.replace(' ', '_')} count={count} gdreg_all_ms={ours['bn_relu']:.2f} "
-            f"torch_all_ms={_cell(theirs and theirs['bn_relu'], 2)}"
+            f"layer={name.replace(' ', '_')} count={count} gdreg_all_ms={ours_ms:.2f} "
+            f"torch_all_ms={_cell(theirs_ms, 2)}"
         )
-        ratio = theirs["bn_relu"] / ours["bn_relu"] if theirs else None
         table.append(
-            f"| {name}, forward and backward | {count} | | | | {ours['bn_relu']:.1f} | | "
-            f"{_cell(theirs and theirs['bn_relu'])} | {'n/a' if ratio is None else f'{ratio:.2f}'} |"
+            f"| {name}, forward and backward | {count} | | | | {ours_ms:.1f} | | "
+            f"{_cell(theirs_ms)} | {_ratio(theirs_ms, ours_ms)} |"
         )
     parameters = sum(
         layer.count * layer.kernel**2 * layer.channels_in * layer.channels_out
@@ -284,19 +301,16 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
     )
     table.append(
         f"| update of {parameters:,} weights (decay, Nesterov) | 1 | | | | {ours_update:.1f} | | "
-        f"{_cell(theirs_update)} | "
-        f"{'n/a' if theirs_update is None else f'{theirs_update / ours_update:.2f}'} |"
+        f"{_cell(theirs_update)} | {_ratio(theirs_update, ours_update)} |"
     )
     theirs_total = None if torch_missing else totals["torch"]
-    ratio = None if theirs_total is None else theirs_total / totals["gdreg"]
     lines.append(
         f"total gdreg_ms={totals['gdreg']:.2f} torch_ms={_cell(theirs_total, 2)} "
-        f"torch_over_gdreg={'n/a' if ratio is None else f'{ratio:.3f}'}"
+        f"torch_over_gdreg={_ratio(theirs_total, totals['gdreg'], 3)}"
     )
     table.append(
         f"| one forward and backward pass, all layers | | | | | {totals['gdreg']:.0f} | | "
-        f"{'n/a' if theirs_total is None else f'{theirs_total:.0f}'} | "
-        f"{'n/a' if ratio is None else f'{ratio:.2f}'} |"
+        f"{_cell(theirs_total, 0)} | {_ratio(theirs_total, totals['gdreg'])} |"
     )
     ours_rate, theirs_rate = matmul_rates(repeats)
     lines.append(f"matmul_gflops gdreg={ours_rate:.1f} torch={_cell(theirs_rate)}")
