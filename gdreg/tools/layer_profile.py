@@ -260,10 +260,10 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
         filter_grad = ours["fwd_dw"] - ours["fwd"]
         lines.append(
             f"layer={layer.describe().replace(' ', '_')} count={layer.count} "
-            f"gdreg_fwd_ms={ours['fwd']:.2f} gdreg_input_grad_ms={input_grad:.2f} "
-            f"gdreg_filter_grad_ms={filter_grad:.2f} gdreg_all_ms={ours['fwd_dx_dw']:.2f} "
-            f"torch_fwd_ms={_cell(theirs and theirs['fwd'], 2)} "
-            f"torch_all_ms={_cell(theirs and theirs['fwd_dx_dw'], 2)}"
+            f"gdreg_fwd_ms={ours['fwd']:.4f} gdreg_input_grad_ms={input_grad:.4f} "
+            f"gdreg_filter_grad_ms={filter_grad:.4f} gdreg_all_ms={ours['fwd_dx_dw']:.4f} "
+            f"torch_fwd_ms={_cell(theirs and theirs['fwd'], 4)} "
+            f"torch_all_ms={_cell(theirs and theirs['fwd_dx_dw'], 4)}"
         )
         table.append(
             f"| {layer.describe()} | {layer.count} | {ours['fwd']:.1f} | {input_grad:.1f} | "
@@ -281,8 +281,8 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
         totals["torch"] += count * (theirs_ms or 0.0)
         name = f"BatchNorm+ReLU {output_size}x{output_size}x{channels}"
         lines.append(
-            f"layer={name.replace(' ', '_')} count={count} gdreg_all_ms={ours_ms:.2f} "
-            f"torch_all_ms={_cell(theirs_ms, 2)}"
+            f"layer={name.replace(' ', '_')} count={count} gdreg_all_ms={ours_ms:.4f} "
+            f"torch_all_ms={_cell(theirs_ms, 4)}"
         )
         table.append(
             f"| {name}, forward and backward | {count} | | | | {ours_ms:.1f} | | "
@@ -296,8 +296,8 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
     totals["gdreg"] += ours_update
     totals["torch"] += theirs_update or 0.0
     lines.append(
-        f"layer=update count=1 parameters={parameters} gdreg_all_ms={ours_update:.2f} "
-        f"torch_all_ms={_cell(theirs_update, 2)}"
+        f"layer=update count=1 parameters={parameters} gdreg_all_ms={ours_update:.4f} "
+        f"torch_all_ms={_cell(theirs_update, 4)}"
     )
     table.append(
         f"| update of {parameters:,} weights (decay, Nesterov) | 1 | | | | {ours_update:.1f} | | "
@@ -305,7 +305,7 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
     )
     theirs_total = None if torch_missing else totals["torch"]
     lines.append(
-        f"total gdreg_ms={totals['gdreg']:.2f} torch_ms={_cell(theirs_total, 2)} "
+        f"total gdreg_ms={totals['gdreg']:.4f} torch_ms={_cell(theirs_total, 4)} "
         f"torch_over_gdreg={_ratio(theirs_total, totals['gdreg'], 3)}"
     )
     table.append(
