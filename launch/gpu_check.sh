@@ -20,7 +20,8 @@
 #                (copy them into a git-ignored folder of the checkout for an offline node).
 #   PYTHON=...   interpreter (default: the checkout's .venv/bin/python if present, else python3).
 #   ALLOW_CPU=1  run without a GPU at toy sizes (what the test suite does).
-#   BUDGET_SECONDS=60  the loop-shape autotuner's budget over both dtypes.
+#   BUDGET_SECONDS=0   the loop-shape autotuner's budget over both dtypes; 0 times the GPU's
+#                default shape (the tuner's choice on an H200) without a sweep.
 # Arguments go to python -m gdreg.tools.gpu_check (--steps, --images).
 # Exit status: 0 done; 1 a check failed (the GPU computes something else) or a step failed;
 # 2 bad input (no GPU without ALLOW_CPU=1, a PEER folder without reference_step.py).
@@ -54,7 +55,7 @@ if [[ -n "$missing" ]]; then
   "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" $missing
 fi
 
-args=(--budget_seconds="${BUDGET_SECONDS:-60}")
+args=(--budget_seconds="${BUDGET_SECONDS:-0}")
 [[ "${ALLOW_CPU:-}" == "1" ]] && args+=(--allow_cpu)
 [[ -n "${PEER:-}" ]] && args+=(--peer="$PEER")
 exec "$PYTHON" -m gdreg.tools.gpu_check "${args[@]}" "$@"

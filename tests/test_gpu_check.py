@@ -141,6 +141,22 @@ def test_on_a_gpu_the_chosen_shape_is_timed_alone(monkeypatch):
     ]
 
 
+def test_without_a_budget_the_default_shape_is_timed_without_a_sweep(monkeypatch):
+    """BUDGET_SECONDS=0, the default: one process, the backend's own loop shape."""
+    calls = []
+
+    def fake_run(command, env=None):
+        calls.append(list(command))
+        return "model=resnet18 seconds_per_step=0.8 tflop_per_step=330\n"
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    figures = gpu_check.full_batch_figures(gpu_check.GPU_SIZES, "float32", None, 1)
+    assert figures["seconds_per_step"] == "0.8"
+    (timed,) = calls
+    assert "--sweep" not in timed and timed[-1] == "--steps=1"
+    assert not any(part.startswith("--config.train.block_loop") for part in timed)
+
+
 def test_the_manuals_gpu_table_is_the_recorded_run():
     """docs/performance.md's H200 table holds what the recorded gpu_check run printed: every
     cell filled, each figure its line's value (FLOP fractions: 5.88 GFLOP per image, see the

@@ -75,7 +75,76 @@ def test_the_rows_add_up():
         assert float(fields["torch_over_gdreg"]) == pytest.approx(ratio, rel=2e-3)
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| ResNet-18 width 2, 2 images of 8x8 |")
-    assert len(table) == 2 + len(rows) + 1  # header, rule, a row each, the sum
+    whole = next(line for line in result.stdout.splitlines() if line.startswith("whole_pass "))
+    traced = float(dict(field.split("=", 1) for field in whole.split()[1:])["traced_ms"])
+    kinds = [
+        dict(field.split("=", 1) for field in line.split()[1:])
+        for line in result.stdout.splitlines()
+        if line.startswith("operations ")
+    ]
+    assert sum(float(kind["ms"]) for kind in kinds) == pytest.approx(traced, abs=5e-4 * len(kinds))
+    assert sum(float(kind["share"]) for kind in kinds) == pytest.approx(1, abs=1e-3)
+    counts = {kind["kind"]: int(kind["count"]) for kind in kinds}
+    # Every 3x3 convolution runs forward at least (1x1 ones XLA may turn into products).
+    assert counts["convolutions"] >= sum(layer.count for layer in layers if layer.kernel == 3)
+    assert len(table) == 2 + len(rows) + 1 + 2 + len(kinds) + 1  # then the traced pass's
+
+
+HLO = """HloModule jit_step
+
+%transposing (param_0: f32[2,3]) -> f32[3,2] {
+  %param_0 = f32[2,3]{1,0} parameter(0)
+  %maximum.1 = f32[2,3]{1,0} maximum(%param_0, %param_0)
+  ROOT %transpose.1 = f32[3,2]{0,1} transpose(%maximum.1), dimensions={1,0}
+}
+
+%adding (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add.2 = f32[] add(%x, %y)
+}
+
+%outer (param_0.1: f32[2,3]) -> f32[3] {
+  %param_0.1 = f32[2,3]{1,0} parameter(0)
+  %constant.3 = f32[] constant(0)
+  ROOT %reduce.4 = f32[3]{0} reduce(%param_0.1, %constant.3), dimensions={0}, to_apply=%adding
+}
+
+%inner_conv (p: f32[1,4,4,1], k: f32[3,3,1,1]) -> f32[1,4,4,1] {
+  %p = f32[1,4,4,1]{3,2,1,0} parameter(0)
+  %k = f32[3,3,1,1]{3,2,1,0} parameter(1)
+  ROOT %convolution.5 = f32[1,4,4,1]{3,2,1,0} convolution(%p, %k), window={size=3x3}
+}
+
+%nesting (a: f32[1,4,4,1], b: f32[3,3,1,1]) -> f32[1,4,4,1] {
+  %a = f32[1,4,4,1]{3,2,1,0} parameter(0)
+  %b = f32[3,3,1,1]{3,2,1,0} parameter(1)
+  ROOT %conv_fusion.6 = f32[1,4,4,1]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%inner_conv
+}
+
+ENTRY %main.7 (Arg_0.1: f32[2,3], Arg_1.2: f32[1,4,4,1], Arg_2.3: f32[3,3,1,1]) -> (f32[3,2], f32[3], f32[1,4,4,1], f32[2,3]) {
+  %Arg_0.1 = f32[2,3]{1,0} parameter(0)
+  %Arg_1.2 = f32[1,4,4,1]{3,2,1,0} parameter(1)
+  %Arg_2.3 = f32[3,3,1,1]{3,2,1,0} parameter(2)
+  %transpose_fusion.8 = f32[3,2]{1,0} fusion(%Arg_0.1), kind=kLoop, calls=%transposing
+  %reduce_fusion.9 = f32[3]{0} fusion(%Arg_0.1), kind=kLoop, calls=%outer
+  %ynn_fusion.10 = f32[1,4,4,1]{3,2,1,0} fusion(%Arg_1.2, %Arg_2.3), kind=kCustom, calls=%nesting
+  %multiply.11 = f32[2,3]{1,0} multiply(%Arg_0.1, %Arg_0.1)
+  ROOT %tuple.12 = (f32[3,2]{1,0}, f32[3]{0}, f32[1,4,4,1]{3,2,1,0}, f32[2,3]{1,0}) tuple(%transpose_fusion.8, %reduce_fusion.9, %ynn_fusion.10, %multiply.11)
+}
+"""
+
+
+def test_operation_kinds_look_inside_fusions():
+    """A fusion's kind is the first of OPERATION_KINDS among the operations it calls, however
+    deep (a convolution in a fusion inside a fusion), and a transpose outranks the elementwise
+    operations fused into it."""
+    kinds = layer_profile.operation_kinds(HLO)
+    assert kinds["transpose_fusion.8"] == "transposes"
+    assert kinds["reduce_fusion.9"] == "reductions"
+    assert kinds["ynn_fusion.10"] == "convolutions"
+    assert kinds["multiply.11"] == "elementwise"
+    assert kinds["convolution.5"] == "convolutions"
 
 
 def test_bad_input_is_one_line():

@@ -2,7 +2,7 @@
 
     launch/gpu_check.sh                    # WHEELS=DIR installs what is missing, PEER=DIR adds
                                            # the reference implementation's step
-    python -m gdreg.tools.gpu_check [--peer DIR] [--budget_seconds 60] [--allow_cpu]
+    python -m gdreg.tools.gpu_check [--peer DIR] [--budget_seconds 0] [--allow_cpu]
 
 Made for a short, offline GPU slot (docs/performance.md): it first checks that the device
 computes what the CPU computes, then times what the paper's runs cost there, and prints one
@@ -19,8 +19,9 @@ computes what the CPU computes, then times what the paper's runs cost there, and
 3. ResNet-18 at full width on CIFAR-shaped synthetic images (50,000 by default): the
    regularized full-batch step of the paper's strong row (forward differences, strength 0.5,
    clipping, Nesterov; ``configs/resnet18_fb.py:regularized``) with blocks of 128, in bfloat16
-   and float32, each in the loop shape the autotuner picks within half of ``--budget_seconds``
-   and then timed alone in a fresh process (its peak memory is its own); the SGD baseline at
+   and float32, each in the GPU's default loop shape (what the autotuner chose on an H200) or,
+   with ``--budget_seconds`` > 0, in the shape the autotuner picks within half of it, then timed
+   alone in a fresh process (its peak memory is its own); the SGD baseline at
    batch 128 in both dtypes (images per second over an epoch). Each through
    ``python -m gdreg.tools.bench``, so the figures are what that command prints.
 4. With ``--peer DIR`` (a folder with the team's ``reference_step.py`` and the reference
@@ -67,7 +68,12 @@ def _define_flags() -> None:
         return
     flags.DEFINE_bool("allow_cpu", False, "Run where JAX sees no GPU, at toy sizes.")
     flags.DEFINE_string("peer", None, "Folder with reference_step.py and fullbatch/models.")
-    flags.DEFINE_float("budget_seconds", 60.0, "Loop-shape timing budget, over both dtypes.")
+    flags.DEFINE_float(
+        "budget_seconds",
+        0.0,
+        "Loop-shape autotuning budget over both dtypes (0: the default shape, no sweep).",
+        lower_bound=0.0,
+    )
     flags.DEFINE_integer("steps", 2, "Timed steps (SGD: epochs) after the compiling one.")
     flags.DEFINE_integer("images", 0, "Training images (0: 50,000; 64 with --allow_cpu).")
     flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes to time.")
@@ -310,7 +316,8 @@ def full_batch_figures(
 ) -> dict[str, str]:
     """The regularized step in ``dtype`` (``gdreg.tools.bench``'s fields): in the autotuner's
     choice within ``budget`` seconds, timed alone in a fresh process; with ``budget`` None in
-    the backend's default shape (the CPU's is known: one block per call)."""
+    the backend's default shape, without a sweep (a GPU's: 4 blocks per call, a Python loop
+    over calls, the blocks unrolled, what the tuner chose on an H200; the CPU's: one block)."""
     step = _bench(sizes, "regularized", dtype, f"--config.train.block_size={sizes.block}")
     shape = []
     if budget is not None:
@@ -459,7 +466,7 @@ def run_check(
         fb = measure(
             f"fb_{dtype}",
             lambda dtype=dtype: full_batch_figures(
-                sizes, dtype, budget / len(dtypes) if tuned else None, steps
+                sizes, dtype, budget / len(dtypes) if tuned and budget > 0 else None, steps
             ),
         )
         seconds = _number(fb.get("seconds_per_step"))

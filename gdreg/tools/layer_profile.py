@@ -13,14 +13,24 @@ row is the fastest of ``--repeats`` timed calls after a compiling one, times the
 such layers in the network; a last line sums them. Without PyTorch installed (the ``torch``
 extra) only gdreg's columns are filled.
 
-Prints one ``name=value`` line per row and the table of docs/performance.md.
+Then gdreg's whole network, one forward and backward pass of the block as training runs it,
+timed and traced (``jax.profiler``): where XLA spends the pass by kind of operation
+(convolutions, layout transposes, elementwise, reductions), which is what the network adds
+between its layers.
+
+Prints one ``name=value`` line per row and the two tables of docs/performance.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
+import json
 import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -229,6 +239,111 @@ def matmul_rates(repeats: int) -> tuple[float, float | None]:
     return ours, flop / fastest_ms(lambda: ta @ tb, repeats) / 1e6
 
 
+#: What a compiled instruction does, by the first of these operations found in it (fusions
+#: included): the kinds of :func:`whole_pass`'s breakdown.
+OPERATION_KINDS = {
+    "convolution": "convolutions",
+    "dot": "matrix_products",
+    "transpose": "transposes",
+    "copy": "transposes",
+    "reduce": "reductions",
+    "reduce-window": "reductions",
+}
+OTHER_KIND = "elementwise"
+KIND_LABELS = {
+    "convolutions": "convolutions (forward, input and filter gradients)",
+    "transposes": "layout transposes and copies",
+    "elementwise": "elementwise (BatchNorm, ReLU, residual sums)",
+    "reductions": "reductions (BatchNorm statistics, pooling, the loss)",
+    "matrix_products": "matrix products (the classifier)",
+}
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+_CALLED = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+
+
+def operation_kinds(hlo_text: str) -> dict[str, str]:
+    """The kind (:data:`OPERATION_KINDS`) of every instruction of a compiled module's text, by
+    name: what its opcode is, or for a fusion the first kind found among the operations of the
+    computations it calls (the order of :data:`OPERATION_KINDS`: a fusion that transposes an
+    activation computed from elementwise operations counts as a transpose)."""
+    opcodes: dict[str, set[str]] = {}  # per computation: its opcodes and those it calls
+    calls: dict[str, set[str]] = {}
+    instructions: dict[str, tuple[str, set[str]]] = {}
+    computation = ""
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            opcodes[computation], calls[computation] = set(), set()
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match or not computation:
+            continue
+        called = set(_CALLED.findall(line))
+        opcodes[computation].add(match.group(2))
+        calls[computation] |= called
+        instructions[match.group(1)] = (match.group(2), called)
+
+    def reachable(names: set[str], seen: set[str]) -> set[str]:
+        found: set[str] = set()
+        for name in names - seen:
+            seen.add(name)
+            found |= opcodes.get(name, set()) | reachable(calls.get(name, set()), seen)
+        return found
+
+    kinds = {}
+    for name, (opcode, called) in instructions.items():
+        found = {opcode} | reachable(called, set())
+        kinds[name] = next(
+            (kind for op, kind in OPERATION_KINDS.items() if op in found), OTHER_KIND
+        )
+    return kinds
+
+
+def whole_pass(
+    width: int, images: int, size: int, repeats: int
+) -> tuple[float, dict[str, tuple[float, int]]]:
+    """gdreg's ResNet-18 itself (:func:`gdreg.models.create_model`, the training loss of
+    :func:`gdreg.engine.objective.make_loss_fn`): the milliseconds of one forward and backward
+    pass of a block in training mode (fastest of ``repeats``), and where XLA spends them,
+    ``{kind: (milliseconds, operations)}`` per pass from a ``jax.profiler`` trace of
+    ``repeats`` passes, by :func:`operation_kinds`. The difference from the sum of the layers
+    is what the network adds between them (XLA's layout changes, fusions)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdreg.engine.objective import make_loss_fn
+    from gdreg.models import create_model
+
+    model = create_model("resnet18", num_classes=10, width=width)
+    key_images, key_init = jax.random.split(jax.random.key(0))
+    inputs = jax.random.normal(key_images, (images, size, size, 3))
+    labels = jnp.arange(images) % 10
+    variables = model.init(key_init, inputs[:1], train=False)
+    params = variables["params"]
+    model_state = {name: value for name, value in variables.items() if name != "params"}
+    step = jax.jit(jax.value_and_grad(make_loss_fn(model), has_aux=True))
+    arguments = (params, model_state, inputs, labels)
+    milliseconds = fastest_ms(lambda: jax.block_until_ready(step(*arguments)), repeats)
+    kinds = operation_kinds(step.lower(*arguments).compile().as_text())
+    totals: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="gdreg-layer-profile-") as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(repeats):
+                jax.block_until_ready(step(*arguments))
+        (trace,) = glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(trace, "rt") as file:
+            events = json.load(file)
+    for event in events["traceEvents"] if isinstance(events, dict) else events:
+        kind = kinds.get(event.get("name", ""))
+        if event.get("ph") == "X" and kind:
+            total = totals.setdefault(kind, [0.0, 0])
+            total[0] += event.get("dur", 0) / 1e3 / repeats
+            total[1] += 1
+    breakdown = {kind: (ms, round(count / repeats)) for kind, (ms, count) in totals.items()}
+    return milliseconds, dict(sorted(breakdown.items(), key=lambda item: -item[1][0]))
+
+
 def _cell(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -314,7 +429,31 @@ def profile(width: int, images: int, size: int, repeats: int) -> list[str]:
     )
     ours_rate, theirs_rate = matmul_rates(repeats)
     lines.append(f"matmul_gflops gdreg={ours_rate:.1f} torch={_cell(theirs_rate)}")
-    return [*lines, "", *table]
+    whole_lines, whole_table = whole_pass_lines(width, images, size, repeats)
+    return [*lines, *whole_lines, "", *table, "", *whole_table]
+
+
+def whole_pass_lines(
+    width: int, images: int, size: int, repeats: int
+) -> tuple[list[str], list[str]]:
+    """:func:`whole_pass` as ``name=value`` lines (the pass, then one line per kind of
+    operation) and as a markdown table."""
+    milliseconds, breakdown = whole_pass(width, images, size, repeats)
+    traced = sum(ms for ms, _ in breakdown.values())
+    lines = [f"whole_pass gdreg_ms={milliseconds:.4f} traced_ms={traced:.4f}"]
+    table = [
+        f"| gdreg's ResNet-18 width {width}, one forward and backward pass, traced "
+        "| operations | ms | share |",
+        "|---|--:|--:|--:|",
+    ]
+    for kind, (ms, count) in breakdown.items():
+        lines.append(f"operations kind={kind} ms={ms:.4f} count={count} share={ms / traced:.4f}")
+        table.append(f"| {KIND_LABELS[kind]} | {count} | {ms:.1f} | {ms / traced:.1%} |")
+    table.append(
+        f"| all traced operations (the pass, timed alone: {milliseconds:.0f} ms) | | "
+        f"{traced:.1f} | |"
+    )
+    return lines, table
 
 
 def main(argv: list[str]) -> int:
