@@ -92,3 +92,20 @@ def test_stochastic_configs_time_an_epoch_of_minibatches():
     assert abs(row["seconds_per_step"] * 4 - row["seconds_per_epoch"]) <= 0.5e-4 + 4 * 0.5e-6
     expected_rate = 64 / row["seconds_per_epoch"]
     assert abs(row["images_per_second"] - expected_rate) <= 0.01 * expected_rate
+
+
+def test_an_sgd_epoch_of_hundreds_of_steps_on_two_cpu_devices_runs_through():
+    """390 minibatch steps with BatchNorm's cross-device sums, queued faster than they run: with
+    the queue unbounded, XLA:CPU deadlocked in a collective after some 150 steps and aborted
+    the process 40 s later (train_step.CPU_STEPS_IN_FLIGHT bounds it)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "gdreg.tools.bench", "--config=configs/resnet18_fb.py:sgd"]
+    command += ["--config.model.name=convnet2", "--config.model.width=4"]
+    command += ["--config.data.synthetic_shape=(8,8,3)", "--config.train.cpu_devices=2"]
+    command += ["--images=50000", "--steps=1"]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("model=")]
+    row = dict(field.split("=", 1) for field in line.split())
+    assert row["devices"] == "2" and row["images"] == "49920" and row["batch"] == "128"
