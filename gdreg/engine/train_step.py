@@ -56,10 +56,11 @@ STEP_METRICS = (
 REPORTED_AT_PARAMS = ("loss", "accuracy", "block_grad_sq_norm")
 
 #: SGD steps a CPU split into several devices may have queued (:meth:`TrainStep.stochastic_epoch`).
-#: Python dispatches an epoch's steps far faster than they run; with 32 or more multi-device
-#: steps queued, XLA:CPU (jax 0.10) deadlocks in a collective of one of them after some 150 to
-#: 200 steps and aborts the process after 40 s (ResNet-18, batch 128, 2 devices, an epoch of
-#: 390 steps; 8 ran through, as fast as 1). Other backends queue without a bound.
+#: Python dispatches an epoch's steps far faster than they run. With the queue unbounded, or
+#: bounded at 32 steps, XLA:CPU (jax 0.10) deadlocked in a cross-device sum after some 150 to
+#: 200 steps and aborted the process 40 s later (ResNet-18 or a small CNN, batch 128, 2
+#: devices, epochs of 390 steps); bounds of 1 and 8 ran through, at the same speed. Other
+#: backends queue without a bound.
 CPU_STEPS_IN_FLIGHT = 2
 
 
