@@ -12,13 +12,31 @@ from gdreg.program import distributed
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_bench_prints_one_line_per_dataset_size():
+def _bench(config: str, *flags: str) -> subprocess.CompletedProcess:
+    """``python -m gdreg.tools.bench --config=configs/resnet18_fb.py:CONFIG FLAGS`` on the CPU,
+    without the suite's XLA flags (as a user runs it)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "gdreg.tools.bench", "--config=configs/resnet18_fb.py:strong"]
-    command += ["--config.model.name=convnet1", "--config.model.width=4"]
-    command += ["--config.train.block_size=16", "--images=64,128", "--steps=2"]
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "gdreg.tools.bench",
+        f"--config=configs/resnet18_fb.py:{config}",
+    ]
+    return subprocess.run(
+        [*command, *flags], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_bench_prints_one_line_per_dataset_size():
+    result = _bench(
+        "strong",
+        "--config.model.name=convnet1",
+        "--config.model.width=4",
+        "--config.train.block_size=16",
+        "--images=64,128",
+        "--steps=2",
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("model=")]
     rows = [dict(field.split("=", 1) for field in line.split()) for line in lines]
@@ -40,16 +58,19 @@ def test_bench_prints_one_line_per_dataset_size():
 
 
 def test_sweep_prints_every_candidate_and_times_the_fastest():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "gdreg.tools.bench", "--config=configs/resnet18_fb.py:strong"]
-    command += ["--config.model.name=convnet1", "--config.model.width=4"]
-    command += ["--config.data.synthetic_shape=(8,8,3)", "--config.train.block_size=8"]
-    command += ["--config.train.cpu_devices=2", "--images=32"]
-    command += ["--config.penalty.strength=0"]  # the loops, not the penalty, are timed here
-    # A tiny budget: the first candidate is timed, the others may be skipped.
-    command += ["--sweep", "--config.train.autotune_seconds=2"]
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = _bench(
+        "strong",
+        "--config.model.name=convnet1",
+        "--config.model.width=4",
+        "--config.data.synthetic_shape=(8,8,3)",
+        "--config.train.block_size=8",
+        "--config.train.cpu_devices=2",
+        "--images=32",
+        "--config.penalty.strength=0",  # the loops, not the penalty, are timed here
+        # A tiny budget: the first candidate is timed, the others may be skipped.
+        "--sweep",
+        "--config.train.autotune_seconds=2",
+    )
     assert result.returncode == 0, result.stderr
 
     def fields(line):
@@ -98,13 +119,15 @@ def test_an_sgd_epoch_of_hundreds_of_steps_on_two_cpu_devices_runs_through():
     """390 minibatch steps with BatchNorm's cross-device sums, queued faster than they run: with
     the queue unbounded, XLA:CPU deadlocked in a collective after some 150 steps and aborted
     the process 40 s later (train_step.CPU_STEPS_IN_FLIGHT bounds it)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "gdreg.tools.bench", "--config=configs/resnet18_fb.py:sgd"]
-    command += ["--config.model.name=convnet2", "--config.model.width=4"]
-    command += ["--config.data.synthetic_shape=(8,8,3)", "--config.train.cpu_devices=2"]
-    command += ["--images=50000", "--steps=1"]
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    result = _bench(
+        "sgd",
+        "--config.model.name=convnet2",
+        "--config.model.width=4",
+        "--config.data.synthetic_shape=(8,8,3)",
+        "--config.train.cpu_devices=2",
+        "--images=50000",
+        "--steps=1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("model=")]
     row = dict(field.split("=", 1) for field in line.split())
