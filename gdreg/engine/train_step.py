@@ -347,9 +347,10 @@ class TrainStep:
         queued: collections.deque[jax.Array] = collections.deque()
         for index in range(minibatches.shape[0]):
             carry, done = self._minibatch(carry, order, index, first, epoch_scalar, data)
-            queued.append(done)
-            if bounded and len(queued) > CPU_STEPS_IN_FLIGHT:
-                queued.popleft().block_until_ready()
+            if bounded:
+                queued.append(done)
+                if len(queued) > CPU_STEPS_IN_FLIGHT:
+                    queued.popleft().block_until_ready()
         return carry
 
     def moving_average(

@@ -520,10 +520,11 @@ def main(argv: list[str]) -> int:
     # leave the steps a quarter of it. The subprocesses get the user's own setting back.
     _PARENT_ENVIRONMENT.update(os.environ)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    # The timed run of a loop shape compiles what the tuner's sweep compiled a moment before,
-    # in another process (40 to 60 s for ResNet-18 on an H200): JAX's persistent cache, in a
-    # folder of this check's own unless the user names one, lets it load that instead.
-    if "JAX_COMPILATION_CACHE_DIR" in _PARENT_ENVIRONMENT:
+    # After a sweep (--budget_seconds > 0) the timed run of the chosen shape compiles what the
+    # sweep compiled a moment before, in another process (40 to 60 s for ResNet-18 on an
+    # H200): JAX's persistent cache, in a folder of this check's own unless the user names
+    # one, lets it load that instead. Without a sweep nothing is compiled twice.
+    if "JAX_COMPILATION_CACHE_DIR" in _PARENT_ENVIRONMENT or FLAGS.budget_seconds <= 0:
         return _checked()
     with tempfile.TemporaryDirectory(prefix="gdreg-gpu-check-cache-") as cache:
         _PARENT_ENVIRONMENT["JAX_COMPILATION_CACHE_DIR"] = cache
